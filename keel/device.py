@@ -1,0 +1,67 @@
+"""Accelerator discovery. The only module that knows device families exist.
+
+`torch.accelerator` (torch >= 2.6) names whatever accelerator this torch build drives: cuda, npu
+(Ascend, via torch_npu), xpu, mps. Everything else in keel asks this module instead of calling
+`torch.cuda.*`, so the same code runs on any of them and on a plain CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from keel.errors import KeelError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` -> the current accelerator if one is usable, else cpu. Any explicit torch device
+    string (cpu, cuda:1, npu, xpu, mps) is checked and returned."""
+    if name == "auto":
+        acc = torch.accelerator.current_accelerator(check_available=True)
+        return torch.device(acc) if acc is not None else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise KeelError(f"unknown device {name!r}: use auto, cpu, cuda, npu, xpu or mps") from e
+    if device.type != "cpu":
+        acc = torch.accelerator.current_accelerator(check_available=True)
+        if acc is None or acc.type != device.type:
+            have = acc.type if acc is not None else "none"
+            raise KeelError(f"device {name!r} is not available here (accelerator: {have}); use --device auto")
+    return device
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """bf16 autocast pays off on accelerators with bf16 units. On CPU it is correct but usually
+    slower than fp32 without AMX, so keel keeps CPU in fp32 unless asked."""
+    if device.type == "cpu":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type in ("npu", "xpu")
+
+
+def autocast(device: torch.device, dtype: str = "auto"):
+    """Mixed-precision context for training/inference forwards. dtype: auto | fp32 | bf16 | fp16."""
+    if dtype == "auto":
+        dtype = "bf16" if supports_bf16(device) else "fp32"
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in table:
+        raise KeelError(f"unknown dtype {dtype!r}: use auto, fp32, bf16 or fp16")
+    return torch.autocast(device_type=device.type, dtype=table[dtype])
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator living where sampling happens (multinomial needs them co-located)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, for honest timings."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)

@@ -1,0 +1,158 @@
+"""Per-token log-probabilities and the clipped policy-gradient losses of the GRPO family.
+
+All four kinds share one PPO-style surrogate, -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
+They differ only in
+  (a) the level of the importance ratio: per token, or per sequence (GSPO's geometric mean), and
+  (b) how per-token losses are aggregated into one number.
+The table _KINDS below spells out both for each kind.
+"""
+
+from typing import Callable
+
+import torch
+
+from keel.errors import KeelError
+
+
+def token_logprobs(
+    logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log_softmax(logits / temperature) at the given tokens, in fp32.
+
+    Computed as logit[token] - logsumexp(logits), one sequence at a time, so the fp32 copy of the
+    (often bf16) logits exists for one row of T x V at a time instead of the whole batch.
+    The temperature must match the one used for sampling, or the ratios are off from the start.
+    """
+    if temperature <= 0:
+        raise KeelError(f"temperature must be > 0 to score tokens, got {temperature}; use the sampling temperature")
+    rows = []
+    for logits_TV, tokens_T in zip(logits_BTV, tokens_BT):
+        logits_TV = logits_TV.float() / temperature
+        picked_T = logits_TV.gather(-1, tokens_T.long().unsqueeze(-1)).squeeze(-1)
+        rows.append(picked_T - torch.logsumexp(logits_TV, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_BT(logits_BTV: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution, in fp32 (one sequence at a time, as above)."""
+    rows = []
+    for logits_TV in logits_BTV:
+        logp_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+        rows.append(-(logp_TV.exp() * logp_TV).sum(dim=-1))
+    return torch.stack(rows)
+
+
+# Default clip ranges (eps_low, eps_high) as published. DAPO raises the upper bound ("clip-higher")
+# so low-probability tokens can grow; GSPO's ratios are per-sequence geometric means, which stay
+# much closer to 1, hence ranges three orders of magnitude smaller.
+LOSS_EPS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+# ---- aggregation: per-token losses (B, T) -> scalar --------------------------------------------
+# Each takes (loss_BT, mask_BT, norm_len); loss_BT is already zero at padded positions.
+
+
+def _mean_per_sequence(loss_BT, mask_BT, norm_len):
+    """Mean over each sequence's own tokens, then over sequences (GRPO; long answers weigh less per token)."""
+    per_seq_B = loss_BT.sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1)
+    return per_seq_B.mean()
+
+
+def _mean_over_tokens(loss_BT, mask_BT, norm_len):
+    """Mean over every real token of the batch (DAPO token-level loss)."""
+    return loss_BT.sum() / mask_BT.sum().clamp(min=1)
+
+
+def _sum_over_budget(loss_BT, mask_BT, norm_len):
+    """Sum over real tokens / (B * generation budget): a constant normaliser, free of length bias (Dr. GRPO)."""
+    if norm_len is None:
+        raise KeelError("the dr_grpo loss needs norm_len (the generation budget, max new tokens); pass it")
+    return loss_BT.sum() / (loss_BT.shape[0] * norm_len)
+
+
+# ---- the ratio: per token or per sequence -----------------------------------------------------
+
+
+def _token_log_ratio(log_ratio_BT, mask_BT):
+    return log_ratio_BT
+
+
+def _sequence_log_ratio(log_ratio_BT, mask_BT):
+    """GSPO: the mean token log-ratio, i.e. the log of the geometric mean of the token ratios (B, 1)."""
+    return log_ratio_BT.sum(dim=1, keepdim=True) / mask_BT.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+Aggregate = Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+
+#            kind       ratio level           aggregation
+_KINDS: dict[str, tuple[Callable, Aggregate]] = {
+    "grpo":    (_token_log_ratio,    _mean_per_sequence),
+    "dr_grpo": (_token_log_ratio,    _sum_over_budget),
+    "dapo":    (_token_log_ratio,    _mean_over_tokens),
+    "gspo":    (_sequence_log_ratio, _mean_per_sequence),  # loss_i is constant over its tokens
+}  # fmt: skip
+
+
+def policy_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    kind: str,
+    eps_low: float,
+    eps_high: float,
+    norm_len: int | None = None,
+    ref_logp_BT: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate loss (to minimise) and detached stats.
+
+    logp_BT: current policy log-probs of the sampled tokens (carries the gradient).
+    old_logp_BT: log-probs under the policy that sampled them; ref_logp_BT: under a frozen reference.
+    Both are treated as constants. mask_BT marks real completion tokens (float or bool).
+    With a reference, beta * k3 KL (exp(ref - logp) - (ref - logp) - 1, unbiased and >= 0) is added
+    per token before aggregation. Sequences without real tokens contribute zero, never NaN.
+
+    stats: clip_frac (share of tokens, or of sequences for gspo, where the clipped term is the one
+    the min picks: ratio above 1+eps_high with A > 0 or below 1-eps_low with A < 0), kl (mean k3
+    over real tokens; 0.0 without a reference), ratio_mean (over real tokens, or sequences for gspo).
+    """
+    if kind not in _KINDS:
+        raise KeelError(f"unknown loss kind {kind!r}; choose one of {', '.join(_KINDS)}")
+    if beta > 0 and ref_logp_BT is None:
+        raise KeelError(f"a KL penalty (beta={beta}) needs reference log-probs; pass ref_logp_BT or set beta=0")
+    assert logp_BT.shape == old_logp_BT.shape == mask_BT.shape, (logp_BT.shape, old_logp_BT.shape, mask_BT.shape)
+    assert adv_B.shape == logp_BT.shape[:1], (adv_B.shape, logp_BT.shape)
+    log_ratio_level, aggregate = _KINDS[kind]
+
+    mask_BT = mask_BT.bool()
+    fmask_BT = mask_BT.float()
+    # where() rather than multiplying by the mask: padded positions may hold inf/NaN garbage, and
+    # exp() of garbage must not leak NaN into the loss or its gradient.
+    log_ratio_BT = torch.where(mask_BT, logp_BT - old_logp_BT.detach(), 0.0)
+    ratio = log_ratio_level(log_ratio_BT, fmask_BT).exp()  # (B, T) or (B, 1)
+    adv = adv_B.detach().float().unsqueeze(1)  # (B, 1), broadcasts over tokens
+    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
+    pg = -torch.min(ratio * adv, clipped_ratio * adv)
+    loss_BT = pg.expand_as(logp_BT)
+
+    kl_BT = None
+    if ref_logp_BT is not None:
+        delta_BT = torch.where(mask_BT, ref_logp_BT.detach() - logp_BT, 0.0)
+        kl_BT = delta_BT.exp() - delta_BT - 1
+        if beta != 0:
+            loss_BT = loss_BT + beta * kl_BT
+    loss = aggregate(torch.where(mask_BT, loss_BT, 0.0), fmask_BT, norm_len)
+
+    with torch.no_grad():
+        # Weights for the ratio-level stats: real tokens, or sequences that have any real token.
+        weight = fmask_BT if ratio.shape == mask_BT.shape else (fmask_BT.sum(1, keepdim=True) > 0).float()
+        clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))
+        n = weight.sum().clamp(min=1)
+        stats = {
+            "clip_frac": ((clipped.float() * weight).sum() / n).item(),
+            "kl": 0.0 if kl_BT is None else ((kl_BT * fmask_BT).sum() / fmask_BT.sum().clamp(min=1)).item(),
+            "ratio_mean": ((ratio * weight).sum() / n).item(),
+        }
+    return loss, stats

@@ -1,0 +1,204 @@
+"""The RL loop: rollouts -> rewards -> advantages -> loss -> step, for every GRPO-family loss.
+
+One step: draw `prompts_per_step` training prompts, sample `group_size` completions of each,
+score them with the task's verifier, turn rewards into group-relative advantages, then take
+`updates_per_batch` optimizer steps on that batch with old log-probs held fixed. The variants
+(GRPO, Dr. GRPO, DAPO, GSPO) differ only in the advantage scaling, the clip range, the loss
+aggregation (all in rl/advantages.py and rl/losses.py) and DAPO's sampling rules (here).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keel.config import EvalConfig, RLConfig
+from keel.device import autocast, make_generator, pick_device
+from keel.evaluate import evaluate
+from keel.models import render_prompt, special_ids
+from keel.optim import lr_factor, make_optimizer, set_lr
+from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
+from keel.rl.losses import LOSS_EPS, policy_loss
+from keel.rollout import SamplingParams, completion_logprobs, generate
+from keel.runlog import RunLog, progress
+from keel.tasks import get_task
+
+TRAIN_POOL = 4096  # distinct training prompts drawn from a generated task
+
+
+@dataclass
+class Batch:
+    """One step's scored rollouts, group-contiguous."""
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    rewards_B: torch.Tensor
+    correct_B: torch.Tensor
+    format_B: torch.Tensor
+    finished_B: torch.Tensor
+    sampled: int  # completions generated to fill this batch (dynamic sampling may discard some)
+
+
+class PromptStream:
+    """Seeded pass over the training prompts, reshuffled each epoch."""
+
+    def __init__(self, examples, seed: int):
+        self.examples, self.seed, self.epoch, self.cursor = examples, seed, 0, 0
+        self.order = self._shuffle()
+
+    def _shuffle(self):
+        order = list(range(len(self.examples)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int):
+        out = []
+        for _ in range(n):
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self.order = self._shuffle()
+            out.append(self.examples[self.order[self.cursor]])
+            self.cursor += 1
+        return out
+
+
+class Trainer:
+    def __init__(self, model, tokenizer, cfg: RLConfig):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.device = pick_device(cfg.device)
+        self.model = model.to(self.device)
+        self.task = get_task(cfg.task, **cfg.task_options)
+        self.eos_id, self.pad_id = special_ids(tokenizer)
+        self.prompts = PromptStream(self.task.examples("train", TRAIN_POOL, seed=cfg.seed), cfg.seed)
+        self.generator = make_generator(self.device, cfg.seed)
+        self.optimizer = make_optimizer(self.model, cfg.lr)
+        self.ref = None
+        if cfg.beta > 0:  # the frozen initial policy for the KL term
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.eps_low, self.eps_high = LOSS_EPS[cfg.loss]
+        self.eps_low = cfg.eps_low if cfg.eps_low is not None else self.eps_low
+        self.eps_high = cfg.eps_high if cfg.eps_high is not None else self.eps_high
+        self.dynamic = cfg.dynamic_sampling if cfg.dynamic_sampling is not None else cfg.loss == "dapo"
+        self.overlong = cfg.overlong_cache if cfg.overlong_cache is not None else (
+            cfg.max_new_tokens // 4 if cfg.loss == "dapo" else 0)
+        self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        self.step_idx = 0
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def _rollout(self, examples) -> Batch:
+        G = self.cfg.group_size
+        prompts = [render_prompt(self.tokenizer, ex.question) for ex in examples for _ in range(G)]
+        with autocast(self.device, self.cfg.dtype):
+            out = generate(self.model, prompts, self.sampling, eos_id=self.eos_id, pad_id=self.pad_id,
+                           generator=self.generator)
+        scores = [self.task.reward(self.tokenizer.decode(t, skip_special_tokens=True), examples[i // G])
+                  for i, t in enumerate(out.tokens)]
+        correct = torch.tensor([s["correct"] for s in scores])
+        fmt = torch.tensor([s["format"] for s in scores])
+        rewards = correct + self.cfg.format_weight * fmt
+        if self.overlong:
+            # An unfinished completion ran past the budget: DAPO's "> L_max" regime.
+            lengths = torch.tensor([len(t) + (0 if f else 1) for t, f in zip(out.tokens, out.finished)])
+            rewards = rewards + overlong_penalty(lengths, self.cfg.max_new_tokens, self.overlong)
+        return Batch(prompts, out.tokens, rewards, correct, fmt, torch.tensor(out.finished), len(prompts))
+
+    def collect(self) -> Batch:
+        """A batch of `prompts_per_step` groups. With dynamic sampling, groups whose rewards are all
+        equal (no learning signal) are dropped and more prompts are drawn, up to `max_refills` rounds."""
+        cfg, G = self.cfg, self.cfg.group_size
+        batch = self._rollout(self.prompts.take(cfg.prompts_per_step))
+        if not self.dynamic:
+            return batch
+        kept, sampled = [], 0
+        for round_ in range(cfg.max_refills + 1):
+            if round_:
+                batch = self._rollout(self.prompts.take(cfg.prompts_per_step))
+            sampled += batch.sampled
+            keep = groups_with_signal(batch.rewards_B, G)
+            kept += [(batch, g) for g in range(len(keep)) if keep[g]]
+            if len(kept) >= cfg.prompts_per_step:
+                break
+        kept = kept[:cfg.prompts_per_step]
+        pick = lambda name: [getattr(b, name)[i] for b, g in kept for i in range(g * G, (g + 1) * G)]
+        stack = lambda name: torch.stack(pick(name)) if kept else torch.zeros(0)
+        return Batch(pick("prompts"), pick("completions"), stack("rewards_B"), stack("correct_B"),
+                     stack("format_B"), stack("finished_B"), sampled)
+
+    # -- update ------------------------------------------------------------------------------
+    def _logprobs(self, model, batch: Batch, with_entropy: bool = False):
+        with autocast(self.device, self.cfg.dtype):
+            return completion_logprobs(model, batch.prompts, batch.completions, pad_id=self.pad_id,
+                                       temperature=self.cfg.temperature, with_entropy=with_entropy)
+
+    def step(self) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, cfg.lr_schedule)
+        set_lr(self.optimizer, lr)
+        batch = self.collect()
+        t_rollout = time.perf_counter() - t0
+        row = {"stage": "rl", "step": self.step_idx + 1, "lr": lr, "sampled": batch.sampled,
+               "groups": len(batch.completions) // cfg.group_size}
+        if not batch.completions:  # dynamic sampling found no group with signal
+            self.step_idx += 1
+            return {**row, "skipped": 1}
+        adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=cfg.loss != "dr_grpo")
+        adv_B = adv_B.to(self.device)
+        self.model.train()
+        old_logp = ref_logp = None
+        if cfg.updates_per_batch > 1:  # the policy moves between updates: freeze the sampling policy's log-probs
+            with torch.no_grad():
+                old_logp, _, _ = self._logprobs(self.model, batch)
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp, _, _ = self._logprobs(self.ref, batch)
+        for _ in range(cfg.updates_per_batch):
+            logp, mask, entropy = self._logprobs(self.model, batch, with_entropy=True)
+            loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv_B, mask,
+                                      kind=cfg.loss, eps_low=self.eps_low, eps_high=self.eps_high,
+                                      norm_len=cfg.max_new_tokens, ref_logp_BT=ref_logp, beta=cfg.beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+        self.model.eval()
+        dt = time.perf_counter() - t0
+        n_tokens = int(mask.sum().item())
+        lengths = mask.sum(1)
+        row.update({
+            "loss": loss.item(), "reward": batch.rewards_B.mean().item(),
+            "reward_correct": batch.correct_B.mean().item(), "reward_format": batch.format_B.mean().item(),
+            "accuracy": batch.correct_B.mean().item(), "response_length": lengths.float().mean().item(),
+            "truncated": 1 - batch.finished_B.float().mean().item(),
+            "clip_frac": stats["clip_frac"], "kl": stats["kl"], "entropy": (entropy * mask).sum().item() / max(1, n_tokens),
+            "grad_norm": grad_norm.item(), "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
+        })
+        self.step_idx += 1
+        return row
+
+    def train(self, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:
+        cfg = self.cfg
+        log = RunLog(out)
+        rows = []
+        with progress(f"rl ({cfg.loss})", cfg.steps - self.step_idx) as advance:
+            while self.step_idx < cfg.steps:
+                row = self.step()
+                if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
+                    ev = evaluate(self.model, self.tokenizer, eval_cfg or EvalConfig(
+                        task=cfg.task, task_options=cfg.task_options, n=cfg.eval_n,
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), task=self.task, samples=False)
+                    row["test_pass@1"] = ev["pass@1"]
+                log.metrics(row)
+                rows.append(row)
+                advance(reward=row.get("reward", 0.0), acc=row.get("accuracy", 0.0))
+        log.close()
+        return rows
+
+
+def rl(model, tokenizer, cfg: RLConfig, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:
+    """Train `model` in place with RL; metrics go to `out/metrics.jsonl`."""
+    return Trainer(model, tokenizer, cfg).train(out, eval_cfg)

@@ -1,0 +1,273 @@
+"""Batched sampling engine and teacher-forced scorer over any Hugging Face causal LM.
+
+Token ids in, token ids out: there is no tokenizer here. Two functions:
+
+- `generate` samples completions for a batch of prompts with the model's KV cache and records,
+  for each sampled token, its log-prob under the sampling policy (before top-p truncation). RL
+  losses need exactly these "old policy" log-probs.
+- `completion_logprobs` re-scores given completions with one forward pass (with grad) so the
+  trainer can compute the new policy's log-probs for the same tokens.
+
+Layout. Both functions LEFT-pad the prompts to the longest one, so every row's prompt ends in the
+same column: in `generate` each decode step appends one column for the whole batch, and in
+`completion_logprobs` every completion starts in the same column, so the logits that predict
+the completions are one contiguous slice `[P-1, P+C-1)` of the sequence. Pads are masked out with
+a 2-D attention mask.
+
+position_ids. We pass them explicitly, counting from each row's first real token, so a row's
+positions are the same whether it is alone or next to longer prompts, and the same in `generate`
+and `completion_logprobs`. With absolute position embeddings this is needed for correctness; with
+RoPE (attention sees only position differences) it keeps the rounding identical and keeps padding
+from using up the position range. Either way the log-probs the sampler records match the
+scorer's to float rounding, which the RL importance ratios assume.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from keel.errors import KeelError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus sampling, in (0, 1]
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # `not >=` also catches NaN
+            raise KeelError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}; pass e.g. temperature=1.0")
+        if not 0 < self.top_p <= 1:
+            raise KeelError(f"top_p must be in (0, 1], got {self.top_p}; pass top_p=1.0 to disable nucleus sampling")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise KeelError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}; pass e.g. max_new_tokens=64")
+
+
+@dataclass
+class Rollout:
+    """Sampled completions, one entry per prompt, in prompt order."""
+
+    tokens: list[list[int]]  # each completion's ids, EOS (or stop id) included when produced, nothing after it
+    logprobs: list[list[float]]  # per token: log_softmax(logits / temperature) (temperature 1 if greedy), fp32
+    finished: list[bool]  # True when EOS (or a stop id) was produced within max_new_tokens
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument: transformers 5.x renamed `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _check_ids(model: torch.nn.Module, ids: Tensor, what: str) -> None:
+    """Out-of-range ids would index past the embedding table (a crash, or garbage on some devices)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    V = getattr(emb, "num_embeddings", None)
+    if V is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise KeelError(f"{what} contain a token id outside [0, {V}); check the tokenizer (and pad_id) match the model")
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad to the longest prompt. Returns ids_BP, mask_BP (long 0/1) and position ids that count
+    from each row's first real token (pads get 0; they are masked anyway)."""
+    P = max(len(p) for p in prompts)
+    ids_BP = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids_BP[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask_BP[i, P - len(p) :] = 1
+    pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+    return ids_BP.to(device), mask_BP.to(device), pos_BP.to(device)
+
+
+def _logprobs_of(logits_BTV: Tensor, ids_BT: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / temperature) at ids_BT, fp32, computed as gather - logsumexp so no second
+    [B, T, V] log-prob tensor is kept for backward."""
+    scaled_BTV = logits_BTV.float() / temperature
+    return scaled_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled_BTV, dim=-1)
+
+
+@torch.no_grad()
+def _entropy(logits_BTV: Tensor, temperature: float) -> Tensor:
+    """Entropy of softmax(logits / temperature) per position, fp32, no grad."""
+    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
+    return -(logp_BTV.exp() * logp_BTV).sum(-1)
+
+
+def _sample(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Pick the next token per row. Returns (tokens_B, logp_B), logp under the untruncated policy."""
+    logits_BV = logits_BV.float()
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
+    if params.temperature == 0:
+        tok_B = logits_BV.argmax(-1)
+    else:
+        probs_BV = logp_BV.exp()
+        if params.top_p < 1.0:
+            sorted_BV, idx_BV = probs_BV.sort(dim=-1, descending=True)
+            # Drop a token when the mass strictly before it already reaches top_p; the top token
+            # has zero mass before it, so it is always kept.
+            drop_BV = (sorted_BV.cumsum(-1) - sorted_BV) >= params.top_p
+            sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
+            probs_BV = torch.zeros_like(probs_BV).scatter(-1, idx_BV, sorted_BV)
+        tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+    return tok_B, logp_BV.gather(-1, tok_B.unsqueeze(-1)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    *,
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    stop_ids: Collection[int] = (),
+) -> Rollout:
+    """Sample one completion per prompt, all prompts in one batch, with the model's KV cache.
+
+    `generator` drives the sampling; create it on the model's device
+    (`torch.Generator(device=device).manual_seed(seed)`), as `torch.multinomial` requires. With
+    temperature 0 (greedy) it is unused. `stop_ids` end a row like `eos_id`. The model is put in
+    eval mode for the call and restored to its previous mode afterwards.
+    """
+    if not prompts:
+        raise KeelError("generate() got no prompts; pass at least one list of token ids")
+    if any(len(p) == 0 for p in prompts):
+        raise KeelError("generate() got an empty prompt; every prompt needs at least one token (e.g. BOS)")
+    device = _device(model)
+    if generator is not None and generator.device.type != device.type:
+        raise KeelError(
+            f"generator is on {generator.device} but the model is on {device}; "
+            f"create it with torch.Generator(device={str(device)!r})"
+        )
+
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device)
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device) -> Rollout:
+    B = len(prompts)
+    ids_BP, mask_BP, pos_BP = _left_pad(prompts, pad_id, device)
+    _check_ids(model, ids_BP, "prompts (or pad_id)")
+    stop_S = torch.tensor(sorted({eos_id, *stop_ids}), dtype=torch.long, device=device)
+    cache_kw = _cache_kwarg(model)
+
+    # Prefill once; only the last column's logits are needed (logits_to_keep=1 spares a [B, P, V]).
+    out = model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP, use_cache=True, logits_to_keep=1)
+    cache = out.cache if cache_kw == "cache" else out.past_key_values
+    mask_BT, pos_B = mask_BP, pos_BP[:, -1]
+
+    toks, logps = [], []  # per step: [B] tensors
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    length_B = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row
+    for step in range(params.max_new_tokens):
+        tok_B, logp_B = _sample(out.logits[:, -1, :], params, generator)
+        length_B += (~done_B).long()  # rows finished earlier keep their length
+        tok_B = tok_B.masked_fill(done_B, pad_id)  # what we feed finished rows; never returned
+        toks.append(tok_B)
+        logps.append(logp_B)
+        done_B = done_B | torch.isin(tok_B, stop_S)
+        if step == params.max_new_tokens - 1 or bool(done_B.all()):
+            break
+        # One decode step for the whole batch; new tokens are real, so the mask grows by ones.
+        mask_BT = torch.cat([mask_BT, mask_BT.new_ones(B, 1)], dim=1)
+        pos_B = pos_B + 1
+        out = model(
+            input_ids=tok_B[:, None],
+            attention_mask=mask_BT,
+            position_ids=pos_B[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
+
+    toks_BN = torch.stack(toks, dim=1).tolist()
+    logps_BN = torch.stack(logps, dim=1).tolist()
+    lengths = length_B.tolist()
+    return Rollout(
+        tokens=[row[:n] for row, n in zip(toks_BN, lengths)],
+        logprobs=[row[:n] for row, n in zip(logps_BN, lengths)],
+        finished=done_B.tolist(),
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    *,
+    pad_id: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Teacher-forced log-probs of `completions` given `prompts`, one forward pass with grad.
+
+    Returns (logp_BC, mask_BC, entropy_BC) with C the longest completion:
+    logp_BC[i, j] = log p(completions[i][j] | prompts[i] + completions[i][:j]) under
+    log_softmax(logits / temperature), fp32, differentiable; mask_BC is 1.0 at real completion
+    positions and 0.0 at padding (where logp is garbage but finite); entropy_BC is the detached
+    per-position entropy of the same distribution when `with_entropy`, else None.
+    The model's train/eval mode is left as it is (the caller decides about dropout).
+    """
+    if len(prompts) != len(completions):
+        raise KeelError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one completion per prompt")
+    if not prompts:
+        raise KeelError("completion_logprobs() got no prompts; pass at least one prompt/completion pair")
+    if any(len(p) == 0 for p in prompts):
+        raise KeelError("completion_logprobs() got an empty prompt; every prompt needs at least one token (e.g. BOS)")
+    if not temperature > 0:
+        raise KeelError(f"temperature must be > 0 for scoring, got {temperature}; use 1.0 for greedy rollouts")
+
+    device = _device(model)
+    B, C = len(prompts), max(len(c) for c in completions)
+    # [left pad | prompt | completion | right pad]: every completion starts at column P.
+    ids_BP, mask_BP, pos_BP = _left_pad(prompts, pad_id, device)
+    P = ids_BP.shape[1]
+    comp_BC = torch.full((B, C), pad_id, dtype=torch.long)
+    mask_BC = torch.zeros((B, C), dtype=torch.long)
+    for i, c in enumerate(completions):
+        comp_BC[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        mask_BC[i, : len(c)] = 1
+    comp_BC, mask_BC = comp_BC.to(device), mask_BC.to(device)
+    # Completion positions continue from the prompt's last position (right pads too; they are masked).
+    pos_BC = pos_BP[:, -1:] + torch.arange(1, C + 1, device=device)
+
+    ids_BT = torch.cat([ids_BP, comp_BC], dim=1)
+    attn_BT = torch.cat([mask_BP, mask_BC], dim=1)
+    pos_BT = torch.cat([pos_BP, pos_BC], dim=1)
+    _check_ids(model, ids_BT, "prompts/completions (or pad_id)")
+    # Logits at columns [P-1, P+C-1) predict the completion tokens. Keeping the last C+1 columns
+    # and dropping the final one keeps the lm_head (and the [B, T, V] memory) to C positions.
+    out = model(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT, use_cache=False, logits_to_keep=C + 1)
+    logits_BCV = out.logits[:, :C, :]
+    assert logits_BCV.shape[1] == C and ids_BT.shape[1] == P + C
+
+    logp_BC = _logprobs_of(logits_BCV, comp_BC, temperature)
+    entropy_BC = _entropy(logits_BCV, temperature) if with_entropy else None
+    return logp_BC, mask_BC.float(), entropy_BC

@@ -1,0 +1,66 @@
+"""A run folder's logs: metrics.jsonl (one object per step, flushed), events.jsonl (faults, skips,
+restarts), and a rich progress bar for the human watching."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+def _clean(value):
+    """JSON has no NaN/inf; write them as null rather than produce an unreadable line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    def __init__(self, out: str | Path, fresh: bool = False):
+        """`fresh` starts the logs over; otherwise rows append (stages of one run share a folder)."""
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        mode = "w" if fresh else "a"
+        self._metrics = open(self.out / "metrics.jsonl", mode)
+        self._events = open(self.out / "events.jsonl", mode)
+
+    def metrics(self, row: dict) -> None:
+        self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._metrics.flush()
+
+    def event(self, kind: str, **fields) -> None:
+        self._events.write(json.dumps({"time": time.time(), "event": kind, **fields}) + "\n")
+        self._events.flush()
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._events.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@contextmanager
+def progress(description: str, total: int):
+    """A progress bar; yields `advance(n=1, **fields)` where fields show up beside the bar."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total, info="")
+
+        def advance(n: int = 1, **fields):
+            info = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+            bar.update(task, advance=n, info=info)
+
+        yield advance

@@ -1,0 +1,155 @@
+"""SFT cold start: teach a model the reasoning format on worked traces before RL.
+
+The loss covers completion tokens only (the prompt is given, not learned). Sequences are packed
+into fixed-length rows with position ids restarting at each sequence; transformers turns that into
+a block-diagonal attention mask, so no compute is spent on padding and no sequence sees another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from keel.config import SFTConfig
+from keel.device import autocast, pick_device
+from keel.errors import KeelError
+from keel.models import render_prompt, special_ids
+from keel.optim import lr_factor, make_optimizer, set_lr
+from keel.runlog import RunLog, progress
+from keel.tasks import get_task
+
+IGNORE = -100
+
+
+@dataclass
+class Packed:
+    input_ids_BT: torch.Tensor
+    labels_BT: torch.Tensor      # next-token targets aligned with inputs; IGNORE off the completions
+    position_ids_BT: torch.Tensor
+
+
+def encode_traces(tokenizer, examples) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) per example that has a trace."""
+    eos, _ = special_ids(tokenizer)
+    pairs = [(render_prompt(tokenizer, ex.question), tokenizer.encode(ex.trace, add_special_tokens=False) + [eos])
+             for ex in examples if ex.trace]
+    if not pairs:
+        raise KeelError("the task has no reasoning traces to learn from: give the dataset a 'trace' "
+                        "column (keel label writes one) or use a built-in task")
+    return pairs
+
+
+def drop_thinking(examples, fraction: float, seed: int):
+    """Empty the think block of a seeded `fraction` of the traces, keeping the answer: SFT data as
+    it often comes, part worked solutions and part bare answers."""
+    rng = random.Random(f"drop-thinking:{seed}")
+    return [dataclasses.replace(ex, trace=re.sub(r"<think>.*</think>", "<think></think>", ex.trace, flags=re.S))
+            if ex.trace and rng.random() < fraction else ex for ex in examples]
+
+
+def pack(pairs, row_len: int, pad_id: int) -> Packed:
+    """Greedily fill rows of `row_len` tokens with whole sequences."""
+    rows, labels, positions = [], [], []
+    ids, lab, pos = [], [], []
+
+    def close_row():
+        n = row_len - len(ids)
+        rows.append(ids + [pad_id] * n)
+        labels.append(lab + [IGNORE] * n)
+        positions.append(pos + list(range(n)))  # the pad tail is its own (ignored) sequence
+
+    for prompt, completion in pairs:
+        seq = prompt + completion
+        if len(seq) > row_len:
+            raise KeelError(f"a training sequence has {len(seq)} tokens, more than a packed row "
+                            f"({row_len}): raise batch_tokens or shorten the traces")
+        if len(ids) + len(seq) > row_len:
+            close_row()
+            ids, lab, pos = [], [], []
+        ids += seq
+        # label[t] is the token at t+1: only positions that predict a completion token count.
+        lab += [IGNORE] * (len(prompt) - 1) + completion + [IGNORE]
+        pos += list(range(len(seq)))
+    if ids:
+        close_row()
+    t = lambda x: torch.tensor(x, dtype=torch.long)
+    return Packed(t(rows), t(labels), t(positions))
+
+
+class Batches:
+    """An endless, seeded stream of packed batches; `cursor` says how far it has read."""
+
+    def __init__(self, pairs, batch_tokens: int, pad_id: int, seed: int):
+        self.pairs, self.batch_tokens, self.pad_id, self.seed = pairs, batch_tokens, pad_id, seed
+        self.row_len = min(batch_tokens, max(256, max(len(p) + len(c) for p, c in pairs)))
+        self.epoch, self.cursor = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self):
+        order = list(range(len(self.pairs)))
+        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return order
+
+    def next(self) -> Packed:
+        chosen, tokens = [], 0
+        while True:
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._shuffle()
+            pair = self.pairs[self._order[self.cursor]]
+            n = len(pair[0]) + len(pair[1])
+            if chosen and tokens + n > self.batch_tokens:
+                return pack(chosen, self.row_len, self.pad_id)
+            chosen.append(pair)
+            tokens += n
+            self.cursor += 1
+
+
+def completion_loss(model, batch: Packed) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over completion tokens, and how many there were."""
+    logits = model(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False).logits
+    n = int((batch.labels_BT != IGNORE).sum())
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels_BT.flatten(), ignore_index=IGNORE)
+    return loss, n
+
+
+def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> dict:
+    """Train `model` in place; logs to `out`. Returns the last step's metrics."""
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    task = get_task(cfg.task, **cfg.task_options)
+    examples = drop_thinking(task.examples("train", cfg.examples, seed=cfg.seed), cfg.drop_thinking, cfg.seed)
+    pairs = encode_traces(tokenizer, examples)
+    _, pad_id = special_ids(tokenizer)
+    batches = Batches(pairs, cfg.batch_tokens, pad_id, cfg.seed)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    log = RunLog(out)
+    row = {}
+    with progress("sft", cfg.steps) as advance:
+        for step in range(cfg.steps):
+            t0 = time.perf_counter()
+            lr = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, "cosine")
+            set_lr(optimizer, lr)
+            batch = batches.next()
+            batch = Packed(*(x.to(device) for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
+            with autocast(device, cfg.dtype):
+                loss, n_tokens = completion_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            dt = time.perf_counter() - t0
+            row = {"stage": "sft", "step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+                   "tokens": n_tokens, "tokens_per_s": batch.input_ids_BT.numel() / dt, "epoch": batches.epoch}
+            log.metrics(row)
+            advance(loss=row["loss"])
+    log.close()
+    model.eval()
+    return row

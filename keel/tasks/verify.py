@@ -1,0 +1,264 @@
+"""Verifiers: pull an answer out of a completion, compare it with a reference, score the format.
+
+Everything here runs on untrusted model output, so every public function is total (never raises,
+returns None/False/0.0 instead) and does bounded work on any input. The guards, and why:
+
+- Only the last `MAX_TAIL_CHARS` of a completion are searched: answers come last, and regexes and
+  brace matching on a multi-megabyte string would otherwise cost time proportional to its size.
+- Numbers longer than `MAX_NUMBER_CHARS` are not parsed: int() of a huge digit string is slow
+  (quadratic) and Python 3.11+ raises ValueError past 4300 digits.
+- Unicode decimal digits (Arabic-Indic '٣', fullwidth '３', ...) are NORMALISED to ASCII before
+  matching, so '٨٣١' counts as 831. Without this, Python's `\\d` and `int()` would accept them in some
+  places and not others; one explicit rule keeps extraction and comparison consistent.
+- The symbolic fallback uses sympy's `parse_expr`, which calls eval() internally. It is only reached
+  when both strings pass a strict whitelist (digits, + - * / ^ ( ) . spaces, single lowercase letters,
+  `sqrt`; at most `MAX_SYMBOLIC_CHARS`), so no name, attribute or call can be smuggled into eval.
+  Powers are limited (at most two, not chained, exponents a 1-2 digit number or a letter, their
+  product <= 100) because `9^9^9` or `(9^99)^99` would build astronomically large numbers, and the
+  comparison evaluates at points instead of calling `simplify`, which has no time bound (minutes on
+  `((x+1)^99)^99` vs `1`). `sympify` is never used.
+- `format_reward` uses `str.count`/`str.find` rather than a backtracking regex: linear on any input.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from fractions import Fraction
+
+MAX_TAIL_CHARS = 20_000  # extract_answer only looks at this many trailing characters
+MAX_NUMBER_CHARS = 100  # parse_number refuses longer strings
+MAX_SYMBOLIC_CHARS = 100  # the sympy fallback refuses longer strings
+MAX_LATEX_CHARS = 1_000  # LaTeX clean-up is skipped on longer strings
+MAX_EXPONENT_PRODUCT = 100  # the sympy fallback refuses powers whose exponents multiply past this
+
+_NUMBER_IN_TEXT = re.compile(
+    r"(?:(?<![\w)])-)?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?:/[0-9]+)?"
+)
+_PLAIN_NUMBER = re.compile(r"([+-]?)([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/([0-9]+))?")
+_THOUSANDS = re.compile(r"[+-]?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?")
+_SAFE_EXPR = re.compile(r"[0-9a-z+\-*/^(). ]+")
+_POWER = re.compile(r"\^|\*\*")
+_SAFE_EXPONENT = re.compile(  # ^ or ** then a 1-2 digit number, a letter, (n) or (n/m), not chained
+    r"(?:\^|\*\*)\s*(?:-?\s*[0-9]{1,2}(?![0-9.])|[a-z](?![a-z(])|\(\s*-?\s*[0-9]{1,2}\s*(?:/\s*[0-9]{1,2}\s*)?\))"
+    r"(?!\s*(?:\^|\*\*))"
+)
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
+
+
+def _ascii_digits(s: str) -> str:
+    """Map every Unicode decimal digit (category Nd) to its ASCII digit; leave the rest alone."""
+    if s.isascii():
+        return s
+    out = []
+    for ch in s:
+        d = unicodedata.decimal(ch, None) if not ch.isascii() else None
+        out.append(str(d) if d is not None else ch)
+    return "".join(out)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last balanced `\\boxed{...}` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):  # bounded: callers pass at most MAX_TAIL_CHARS
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The model's final answer: the content of the last `<answer>...</answer>` pair; else of the last
+    `\\boxed{...}`; else the last number in the text; else None.
+
+    With nested or repeated tags the innermost, last opened pair wins: `<answer><answer>5</answer>
+    </answer>` gives "5"; an unclosed trailing `<answer>` is ignored. An empty pair gives "".
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    tail = _ascii_digits(text[-MAX_TAIL_CHARS:])
+    close = tail.rfind("</answer>")
+    if close >= 0:
+        # The last <answer> before the last </answer>, up to the first </answer> after it.
+        open_ = tail.rfind("<answer>", 0, close)
+        if open_ >= 0:
+            start = open_ + len("<answer>")
+            return tail[start : tail.find("</answer>", start)].strip()
+    boxed = _last_boxed(tail)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER_IN_TEXT.findall(tail)
+    return numbers[-1] if numbers else None
+
+
+def parse_number(s) -> Fraction | None:
+    """`s` as an exact Fraction if it is a plain number (int, decimal, a/b; optional sign, `$`,
+    thousands commas, a trailing `.`, whitespace after the sign or around `/`), else None."""
+    if isinstance(s, bool):
+        return None
+    if isinstance(s, (int, Fraction)):
+        return Fraction(s)
+    if not isinstance(s, str) or len(s) > 4 * MAX_NUMBER_CHARS:
+        return None
+    s = _ascii_digits(s).replace("$", "").strip().rstrip(".").strip()
+    if len(s) > MAX_NUMBER_CHARS:
+        return None
+    s = re.sub(r"^([+-])\s+", r"\1", s)
+    s = re.sub(r"\s*/\s*", "/", s)
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    m = _PLAIN_NUMBER.fullmatch(s)
+    if m is None:
+        return None
+    sign, num, den = m.groups()
+    try:
+        value = Fraction(num)
+        if den is not None:
+            value /= int(den)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return -value if sign == "-" else value
+
+
+def _delatex(s: str) -> str:
+    """Rewrite the common LaTeX answer spellings (`\\frac{a}{b}`, `\\sqrt{x}`, `\\cdot`, `^{n}`, a
+    `\\boxed{}` wrapper) into plain math text; leave anything else as it is."""
+    if "\\" not in s and "{" not in s:
+        return s
+    if len(s) > MAX_LATEX_CHARS:
+        return s
+    boxed = _last_boxed(s)
+    if boxed is not None:
+        s = boxed
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\cdot", "*"),
+                     ("\\times", "*"), ("\\div", "/")):
+        s = s.replace(old, new)
+    for _ in range(10):  # innermost first; ten levels of nesting is plenty for an answer
+        t = _SQRT.sub(r"sqrt(\1)", _FRAC.sub(r"(\1)/(\2)", s))
+        if t == s:
+            break
+        s = t
+    s = re.sub(r"\^\s*\{([^{}]*)\}", r"^(\1)", s)
+    return s.strip()
+
+
+def _clean(s: str) -> str:
+    s = s.strip()
+    if len(s) <= MAX_LATEX_CHARS:  # longer text can only match by string equality
+        s = _delatex(_ascii_digits(s))
+    return s.replace("$", "").strip().rstrip(".").strip()
+
+
+def _safe_for_sympy(s: str) -> bool:
+    """True only for short strings made of digits, + - * / ^ ( ) . spaces, single lowercase letters
+    and `sqrt`, with dots only inside numbers and at most two small powers."""
+    if len(s) > MAX_SYMBOLIC_CHARS or not _SAFE_EXPR.fullmatch(s):
+        return False
+    if any(len(w) > 1 and w != "sqrt" for w in re.findall(r"[a-z]+", s)):
+        return False
+    if re.search(r"\.(?![0-9])|[a-z)]\s*\.", s):  # no attribute access like `x.n(...)`
+        return False
+    powers = len(_POWER.findall(s))
+    exponents = _SAFE_EXPONENT.findall(s)
+    if powers > 2 or len(exponents) != powers:
+        return False
+    growth = 1  # bounds the size of exact powers: (b^9)^9 is fine, (b^99)^99 is not
+    for e in exponents:
+        growth *= max([int(d) for d in re.findall(r"[0-9]+", e)] + [1])
+    return growth <= MAX_EXPONENT_PRODUCT
+
+
+def _symbolic_equal(a: str, b: str) -> bool:
+    """True when two whitelisted expressions agree at three fixed rational points for their
+    variables: exactly where both values are rational, else to 25 of 40 significant digits (so two
+    irrational values closer than that count as equal). False on anything unusual.
+
+    Not `simplify(a - b) == 0`: simplify has no time bound (it ran for minutes on `((x+1)^99)^99`
+    against `1`), while evaluating an expression of at most 100 characters at a point is fast."""
+    if not (_safe_for_sympy(a) and _safe_for_sympy(b)):
+        return False
+    try:
+        from sympy import Rational
+        from sympy.parsing.sympy_parser import (
+            convert_xor,
+            implicit_multiplication,
+            parse_expr,
+            rationalize,
+            standard_transformations,
+        )
+
+        # "2x", "2sqrt(3)": implicit products; "^" is a power; decimals become exact rationals.
+        transformations = standard_transformations + (implicit_multiplication, convert_xor, rationalize)
+        ea = parse_expr(a, transformations=transformations, evaluate=True)
+        eb = parse_expr(b, transformations=transformations, evaluate=True)
+        symbols = sorted(ea.free_symbols | eb.free_symbols, key=str)
+        for trial in range(3):  # distinct, non-integer points away from 0 and 1
+            point = {s: Rational(3 + 2 * i + 5 * trial, 7 + i) for i, s in enumerate(symbols)}
+            va, vb = ea.subs(point), eb.subs(point)
+            if va.is_Rational and vb.is_Rational:  # exact whenever no roots are involved
+                if va != vb:
+                    return False
+                continue
+            va, vb = va.evalf(40), vb.evalf(40)
+            if not (va.is_number and vb.is_number and va.is_finite and vb.is_finite):
+                return False
+            if abs(va - vb) > Rational(1, 10**25) * max(1, abs(va), abs(vb)):
+                return False
+        return True
+    except Exception:  # SyntaxError, TypeError, RecursionError, MemoryError, sympy errors, ...
+        return False
+
+
+def _norm_str(s: str) -> str:
+    return "".join(s.split()).lower()
+
+
+def answers_match(pred: str | None, ref: str) -> bool:
+    """True when the predicted answer equals the reference: exactly as numbers if both are plain
+    numbers; else symbolically (sympy, whitelisted input only); else as normalised strings.
+    A GSM8K-style reference ("... #### 72") is compared by the part after the last `####`."""
+    try:
+        if isinstance(ref, (int, Fraction)) and not isinstance(ref, bool):
+            ref = str(ref)
+        if not isinstance(pred, str) or not isinstance(ref, str):
+            return False
+        if "####" in ref:
+            ref = ref.rsplit("####", 1)[1]
+        p, r = _clean(pred), _clean(ref)
+        if not p or not r:
+            return False
+        a, b = parse_number(p), parse_number(r)
+        if a is not None and b is not None:
+            return a == b
+        if _symbolic_equal(p, r):
+            return True
+        return _norm_str(p) == _norm_str(r)
+    except Exception:  # belt and braces: a verifier must never take the trainer down
+        return False
+
+
+def format_reward(text: str) -> float:
+    """1.0 iff `text` is exactly `<think>X</think><answer>Y</answer>`: whitespace allowed around the
+    whole and between `</think>` and `<answer>`, each tag exactly once, Y not blank; else 0.0.
+    Binary on purpose: partial credit for stray tags is easy to game."""
+    if not isinstance(text, str):
+        return 0.0
+    t = text.strip()
+    if not (t.startswith("<think>") and t.endswith("</answer>")):
+        return 0.0
+    if any(t.count(tag) != 1 for tag in ("<think>", "</think>", "<answer>", "</answer>")):
+        return 0.0
+    think_close, answer_open = t.find("</think>"), t.find("<answer>")
+    if think_close > answer_open or t[think_close + len("</think>") : answer_open].strip():
+        return 0.0
+    answer = t[answer_open + len("<answer>") : -len("</answer>")]
+    return 1.0 if answer.strip() else 0.0

@@ -1,0 +1,123 @@
+"""The `keel` command end to end: bad input gets one line, exit status 2, and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def keel(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "keel", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("m") / "tiny"
+    r = keel("init-model", "--arch", "llama", "--layers", "1", "--hidden", "32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    return out
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_model_dir(tmp_path):
+    out = tmp_path / "run"
+    r = keel("rl", "--model", tmp_path / "nope", "--out", out)
+    assert_one_line_error(r, "does not exist", "keel init-model")
+    assert not out.exists()
+
+
+def test_invalid_model_dir(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "weights.txt").write_text("hello")
+    out = tmp_path / "run"
+    r = keel("sft", "--model", tmp_path / "notamodel", "--out", out)
+    assert_one_line_error(r, "no config.json")
+    assert not out.exists()
+
+
+def test_recipe_with_unknown_key(tmp_path, tiny_model):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 3\nlearning_rate: 0.1\n")
+    out = tmp_path / "run"
+    r = keel("rl", "--model", tiny_model, "--out", out, "--recipe", recipe)
+    assert_one_line_error(r, "unknown key 'learning_rate'")
+    assert not out.exists()
+
+
+def test_recipe_out_of_range(tmp_path, tiny_model):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("top_p: 1.5\n")
+    r = keel("rl", "--model", tiny_model, "--out", tmp_path / "run", "--recipe", recipe)
+    assert_one_line_error(r, "top_p must be in (0, 1]")
+    assert not (tmp_path / "run").exists()
+
+
+def test_group_size_of_one(tmp_path, tiny_model):
+    r = keel("rl", "--model", tiny_model, "--out", tmp_path / "run", "--group-size", "1")
+    assert_one_line_error(r, "group_size must be >= 2")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dataset_without_the_named_columns(tmp_path, tiny_model):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1", "solution": "2"}) + "\n")
+    r = keel("sft", "--model", tiny_model, "--out", tmp_path / "run", "--task", data)
+    assert_one_line_error(r, "question")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_task_and_bad_option(tmp_path):
+    r = keel("data", "--task", "chess", "--out", tmp_path / "x.jsonl")
+    assert_one_line_error(r, "chess")
+    r = keel("data", "--task", "arithmetic", "--out", tmp_path / "x.jsonl", "-o", "digits")
+    assert_one_line_error(r, "KEY=VALUE")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_data_writes_rows_with_traces(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    r = keel("data", "--task", "countdown", "--split", "test", "--n", "5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5
+    assert {"question", "answer", "trace", "numbers", "target"} <= set(rows[0])
+
+
+def test_eval_prints_json(tiny_model):
+    r = keel("eval", "--model", tiny_model, "--task", "arithmetic", "--n", "4", "--k", "2", "-o", "digits=1")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n"] == 4 and 0 <= result["pass@1"] <= 1 and 0 <= result["pass@2"] <= 1
+
+
+def test_sft_then_rl_write_hf_models(tmp_path, tiny_model):
+    r = keel("sft", "--model", tiny_model, "--out", tmp_path / "sft", "--steps", "2", "-o", "digits=1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()
+    r = keel("rl", "--model", tmp_path / "sft" / "model", "--out", tmp_path / "rl", "--steps", "2",
+             "--loss", "dapo", "-o", "digits=1")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    for key in ("reward_correct", "reward_format", "accuracy", "response_length", "clip_frac", "kl",
+                "entropy", "grad_norm", "tokens_per_s"):
+        assert key in rows[-1] or rows[-1].get("skipped"), key
+    assert (tmp_path / "rl" / "model" / "config.json").is_file()
+    # a finished run is not overwritten by accident
+    r = keel("rl", "--model", tmp_path / "sft" / "model", "--out", tmp_path / "rl", "--steps", "1")
+    assert_one_line_error(r, "already exists")

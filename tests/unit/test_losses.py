@@ -1,0 +1,275 @@
+"""Loss math against hand-computed numbers. Ratios are set directly: old_logp = 0, logp = log(ratio)."""
+
+import math
+
+import pytest
+import torch
+
+from keel.errors import KeelError
+from keel.rl.losses import LOSS_EPS, entropy_BT, policy_loss, token_logprobs
+
+PAD = 123.0  # garbage in padded positions; must never matter
+
+# The shared batch: B=2, T=3, the last position of sequence 1 is padding.
+#   seq 0, A = +1: ratios 1.1 (inside the band), 1.5 (above, A > 0: clipped), 0.5 (below, A > 0: NOT clipped)
+#   seq 1, A = -1: ratios 0.5 (below, A < 0: clipped), 1.5 (above, A < 0: NOT clipped), pad
+RATIOS = [[1.1, 1.5, 0.5], [0.5, 1.5, 1.0]]
+ADV = [1.0, -1.0]
+MASK = [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]
+
+
+def make_batch(pad_logp=PAD, pad_old=-PAD):
+    logp = torch.tensor(RATIOS, dtype=torch.float64).log()
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    logp[1, 2], old[1, 2] = pad_logp, pad_old
+    return logp.requires_grad_(), old, torch.tensor(ADV), torch.tensor(MASK)
+
+
+# Per-token losses -min(r A, clip(r) A) of the shared batch with eps = (0.2, 0.2):
+SEQ0 = [-1.1, -1.2, -0.5]  # -min(1.1, 1.1), -min(1.5, 1.2), -min(0.5, 0.8)
+SEQ1 = [0.8, 1.5]  # -min(-0.5, -0.8), -min(-1.5, -1.2)
+
+
+def test_published_default_clip_ranges():
+    assert LOSS_EPS == {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+def test_grpo_hand_value_and_stats():
+    logp, old, adv, mask = make_batch()
+    loss, stats = policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2)
+    # mean over each sequence's own tokens, then over the 2 sequences
+    expected = ((-1.1 - 1.2 - 0.5) / 3 + (0.8 + 1.5) / 2) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)  # tokens (0,1) and (1,0) of 5 real tokens
+    assert stats["ratio_mean"] == pytest.approx((1.1 + 1.5 + 0.5 + 0.5 + 1.5) / 5)
+    assert stats["kl"] == 0.0
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_normalisers_differ_and_match_hand_values():
+    total = sum(SEQ0) + sum(SEQ1)  # -0.5
+    hand = {
+        "grpo": (sum(SEQ0) / 3 + sum(SEQ1) / 2) / 2,  # 0.10833
+        "dapo": total / 5,  # over the 5 real tokens: -0.1
+        "dr_grpo": total / (2 * 4),  # over B * norm_len with norm_len 4: -0.0625
+    }
+    got = {}
+    for kind, expected in hand.items():
+        logp, old, adv, mask = make_batch()
+        loss, _ = policy_loss(logp, old, adv, mask, kind=kind, eps_low=0.2, eps_high=0.2, norm_len=4)
+        got[kind] = loss.item()
+        assert got[kind] == pytest.approx(expected, rel=1e-9), kind
+    assert len({round(v, 6) for v in got.values()}) == 3
+
+
+def test_dapo_clip_higher_default():
+    logp, old, adv, mask = make_batch()
+    loss, stats = policy_loss(logp, old, adv, mask, kind="dapo", eps_low=0.2, eps_high=0.28)
+    # only the clipped-above token changes: -min(1.5, 1.28); ratio 1.5 with A < 0 stays unclipped
+    expected = (-1.1 - 1.28 - 0.5 + 0.8 + 1.5) / 5
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert stats["clip_frac"] == pytest.approx(2 / 5)
+
+
+def test_gradient_is_zero_on_clipped_tokens_and_hand_value_elsewhere():
+    logp, old, adv, mask = make_batch()
+    loss, _ = policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2)
+    loss.backward()
+    # d(-r A)/d logp = -A r (since r = exp(logp - old)), divided by len_i and by B = 2
+    expected = [
+        [-1 * 1.1 / (3 * 2), 0.0, -1 * 0.5 / (3 * 2)],  # 1.5 with A > 0 clipped: no gradient
+        [0.0, -(-1) * 1.5 / (2 * 2), 0.0],  # 0.5 with A < 0 clipped; padding: no gradient
+    ]
+    assert logp.grad.tolist()[0] == pytest.approx(expected[0], abs=1e-12)
+    assert logp.grad.tolist()[1] == pytest.approx(expected[1], abs=1e-12)
+
+
+def test_gradient_at_ratio_one_is_minus_adv_over_length():
+    logp = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    adv, mask = torch.tensor([2.0, -0.5]), torch.tensor(MASK)
+    hand = {  # gradient per real token at ratio 1: -A_i / normaliser
+        "grpo": [-2.0 / (3 * 2), 0.5 / (2 * 2)],  # -A / len_i, then the mean over B = 2 sequences
+        "dapo": [-2.0 / 5, 0.5 / 5],  # -A / (all real tokens)
+        "dr_grpo": [-2.0 / (2 * 8), 0.5 / (2 * 8)],  # -A / (B * norm_len), norm_len 8
+    }
+    for kind, (g0, g1) in hand.items():
+        logp.grad = None
+        loss, stats = policy_loss(logp, logp.detach(), adv, mask, kind=kind, eps_low=0.2, eps_high=0.2, norm_len=8)
+        loss.backward()
+        want = torch.tensor([[g0, g0, g0], [g1, g1, 0.0]], dtype=torch.float64)
+        torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-12, msg=kind)
+        assert stats["clip_frac"] == 0.0
+        assert stats["ratio_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_padded_values_do_not_matter(kind):
+    results = []
+    for pad_logp, pad_old in [(PAD, -PAD), (0.0, 0.0), (float("nan"), float("inf"))]:
+        logp, old, adv, mask = make_batch(pad_logp, pad_old)
+        eps_low, eps_high = LOSS_EPS[kind]
+        loss, stats = policy_loss(
+            logp, old, adv, mask, kind=kind, eps_low=eps_low, eps_high=eps_high, norm_len=4, ref_logp_BT=old, beta=0.1
+        )
+        loss.backward()
+        assert torch.isfinite(logp.grad).all()
+        assert logp.grad[1, 2].item() == 0.0
+        results.append((loss.item(), stats["clip_frac"], stats["ratio_mean"], logp.grad[:, :2].tolist()))
+    assert results[1:] == [results[0]] * 2  # bit-identical: padded positions are selected away, not scaled
+
+
+def test_gspo_sequence_ratio_is_geometric_mean():
+    logp, old, adv, mask = make_batch()
+    loss, stats = policy_loss(logp, old, adv, mask, kind="gspo", eps_low=3e-4, eps_high=4e-4)
+    s0 = (1.1 * 1.5 * 0.5) ** (1 / 3)  # 0.938 < 1 - 3e-4 but A > 0: unclipped, loss -s0
+    s1 = (0.5 * 1.5) ** (1 / 2)  # 0.866 < 1 - 3e-4 and A < 0: clipped, loss -min(-s1, -(1 - 3e-4))
+    expected = (-s0 + (1 - 3e-4)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert stats["clip_frac"] == pytest.approx(1 / 2)  # a fraction of sequences, not tokens
+    assert stats["ratio_mean"] == pytest.approx((s0 + s1) / 2)
+    loss.backward()
+    # d s0 / d logp_t = s0 / len_0: every token of sequence 0 gets -A s0 / (3 * B); sequence 1 is clipped
+    g0 = -1 * s0 / (3 * 2)
+    want = torch.tensor([[g0, g0, g0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-12)
+
+
+def test_gspo_clip_boundaries():
+    # Each sequence has token ratios (s * 1.5, s / 1.5): far outside any band per token, but the
+    # geometric mean is s. Bounds: 1 - 3e-4 = 0.9997 and 1 + 4e-4 = 1.0004.
+    s = torch.tensor([1.0003, 1.0006, 0.9998, 0.9995], dtype=torch.float64)
+    logp = torch.stack([(s * 1.5).log(), (s / 1.5).log()], dim=1)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, stats = policy_loss(
+        logp, torch.zeros_like(logp), adv, torch.ones(4, 2), kind="gspo", eps_low=3e-4, eps_high=4e-4
+    )
+    expected = (
+        -1.0003  # inside the band
+        - 1.0004  # 1.0006 > 1.0004 with A > 0: clipped
+        + 0.9998  # inside the band
+        + 0.9997  # 0.9995 < 0.9997 with A < 0: clipped
+    ) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert stats["clip_frac"] == pytest.approx(2 / 4)
+    # the same tokens under token-level grpo clip every token at eps 0.2 (ratios 1.5 and 0.667)
+    _, token_stats = policy_loss(
+        logp, torch.zeros_like(logp), adv, torch.ones(4, 2), kind="grpo", eps_low=0.2, eps_high=0.2
+    )
+    assert token_stats["clip_frac"] == pytest.approx(4 / 8)  # 1.5 with A > 0, 0.667 with A < 0
+
+
+# k3 values for d = ref - logp: exp(d) - d - 1
+K3_LOG2 = 2 - math.log(2) - 1  # d = log 2: 0.3069
+K3_MINUS_LOG2 = 0.5 + math.log(2) - 1  # d = -log 2: 0.1931
+
+
+def _kl_batch():
+    logp = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[math.log(2), -math.log(2), 0.0], [math.log(2), 0.0, PAD]], dtype=torch.float64)
+    return logp, ref, torch.zeros(2), torch.tensor(MASK)  # A = 0: the surrogate term is exactly 0
+
+
+def test_k3_kl_hand_values():
+    seq0 = (K3_LOG2 + K3_MINUS_LOG2 + 0.0) / 3
+    seq1 = (K3_LOG2 + 0.0) / 2
+    all_tokens = (K3_LOG2 + K3_MINUS_LOG2 + K3_LOG2) / 5
+    hand = {
+        "grpo": 0.1 * (seq0 + seq1) / 2,
+        "gspo": 0.1 * (seq0 + seq1) / 2,  # per-sequence mean, then mean over sequences
+        "dapo": 0.1 * all_tokens,
+    }
+    for kind, expected in hand.items():
+        logp, ref, adv, mask = _kl_batch()
+        loss, stats = policy_loss(
+            logp, logp.detach(), adv, mask, kind=kind, eps_low=0.2, eps_high=0.2, ref_logp_BT=ref, beta=0.1
+        )
+        assert loss.item() == pytest.approx(expected, rel=1e-9), kind
+        assert stats["kl"] == pytest.approx(all_tokens, rel=1e-9)
+    # gradient of beta * k3 w.r.t. logp: beta * (1 - exp(ref - logp)), through the grpo mean
+    logp, ref, adv, mask = _kl_batch()
+    loss, _ = policy_loss(
+        logp, logp.detach(), adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2, ref_logp_BT=ref, beta=0.1
+    )
+    loss.backward()
+    assert logp.grad[0, 0].item() == pytest.approx(0.1 * (1 - 2) / (3 * 2))
+    assert logp.grad[0, 1].item() == pytest.approx(0.1 * (1 - 0.5) / (3 * 2))
+    assert logp.grad[1, 2].item() == 0.0
+
+
+def test_kl_is_zero_when_reference_equals_policy():
+    logp, old, adv, mask = make_batch()
+    base, _ = policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2)
+    loss, stats = policy_loss(
+        logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2, ref_logp_BT=logp.detach(), beta=0.5
+    )
+    assert stats["kl"] == 0.0
+    assert loss.item() == base.item()
+
+
+def test_kl_without_reference_is_a_user_error():
+    logp, old, adv, mask = make_batch()
+    with pytest.raises(KeelError, match="ref_logp_BT"):
+        policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2, beta=0.1)
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_sequence_without_tokens_gives_no_nan(kind):
+    logp, old, adv, _ = make_batch()
+    mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    eps_low, eps_high = (0.2, 0.2) if kind != "gspo" else LOSS_EPS["gspo"]
+    loss, stats = policy_loss(logp, old, adv, mask, kind=kind, eps_low=eps_low, eps_high=eps_high, norm_len=4)
+    loss.backward()
+    hand = {
+        "grpo": (sum(SEQ0) / 3 + 0.0) / 2,  # the empty sequence still counts in the mean over B
+        "dapo": sum(SEQ0) / 3,
+        "dr_grpo": sum(SEQ0) / (2 * 4),
+        "gspo": (-((1.1 * 1.5 * 0.5) ** (1 / 3)) + 0.0) / 2,
+    }
+    assert loss.item() == pytest.approx(hand[kind], rel=1e-9)
+    assert logp.grad[1].tolist() == [0.0, 0.0, 0.0]
+    assert all(math.isfinite(v) for v in stats.values())
+    # a batch without any real token: zero loss, not NaN
+    loss, stats = policy_loss(logp, old, adv, torch.zeros(2, 3), kind=kind, eps_low=0.2, eps_high=0.2, norm_len=4)
+    assert loss.item() == 0.0 and stats["clip_frac"] == 0.0
+
+
+def test_unknown_kind_and_missing_norm_len():
+    logp, old, adv, mask = make_batch()
+    with pytest.raises(KeelError, match="grpo, dr_grpo, dapo, gspo"):
+        policy_loss(logp, old, adv, mask, kind="ppo", eps_low=0.2, eps_high=0.2)
+    with pytest.raises(KeelError, match="norm_len"):
+        policy_loss(logp, old, adv, mask, kind="dr_grpo", eps_low=0.2, eps_high=0.2)
+
+
+def test_token_logprobs_hand_values_and_temperature():
+    logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)]]])  # p = (1/4, 3/4)
+    tokens = torch.tensor([[1, 0]])
+    assert token_logprobs(logits, tokens).tolist()[0] == pytest.approx([math.log(3 / 4), math.log(1 / 4)], rel=1e-6)
+    # temperature 2 halves the logits: weights 1 and sqrt(3)
+    r3 = math.sqrt(3)
+    assert token_logprobs(logits, tokens, temperature=2.0).tolist()[0] == pytest.approx(
+        [math.log(r3 / (1 + r3)), math.log(1 / (1 + r3))], rel=1e-6
+    )
+    with pytest.raises(KeelError, match="temperature"):
+        token_logprobs(logits, tokens, temperature=0.0)
+
+
+def test_token_logprobs_match_log_softmax_gather_in_fp32():
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=gen) * 4).to(torch.bfloat16).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 5), generator=gen)
+    got = token_logprobs(logits, tokens, temperature=0.7)
+    want = torch.log_softmax(logits.detach().float() / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    assert got.dtype == torch.float32 and got.shape == (3, 5)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum().item() > 0
+
+
+def test_entropy():
+    uniform = torch.full((2, 3, 7), 1.5, dtype=torch.bfloat16)
+    ent = entropy_BT(uniform)
+    assert ent.dtype == torch.float32 and ent.shape == (2, 3)
+    assert ent.flatten().tolist() == pytest.approx([math.log(7)] * 6, rel=1e-6)
+    two = torch.tensor([[[0.0, math.log(3)]]])  # p = (1/4, 3/4)
+    assert entropy_BT(two).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel=1e-6)
