@@ -138,7 +138,7 @@ class DemoConfig:
     task_options: dict = field(default_factory=lambda: {"digits": 3})
     model: ModelInit = ModelInit()
     sft: SFTConfig = SFTConfig(examples=2000, steps=300, drop_thinking=0.5, seed=0)
-    rl: RLConfig = RLConfig(loss="grpo", steps=150, lr=5e-5, beta=0.005, max_new_tokens=48, seed=1)
+    rl: RLConfig = RLConfig(loss="grpo", steps=150, lr=5e-5, beta=0.005, max_new_tokens=48, eval_every=25, seed=1)
     eval: EvalConfig = EvalConfig(n=200, k=8, max_new_tokens=48)
 
     def stage(self, name: str):

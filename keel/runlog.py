@@ -51,16 +51,39 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_live: Progress | None = None  # rich allows one live display: nested bars join the outer one
+
+
 @contextmanager
 def progress(description: str, total: int):
-    """A progress bar; yields `advance(n=1, **fields)` where fields show up beside the bar."""
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=total, info="")
+    """A progress bar; yields `advance(n=1, **fields)` where fields show up beside the bar. Off a
+    terminal (CI, nohup, a pipe) it prints a plain line every tenth of the way instead."""
+    global _live
+    tty = console.is_terminal
+    outer = _live is None
+    if outer:
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        _live = Progress(*columns, console=console, disable=not tty)
+        _live.start()
+    bar = _live
+    task = bar.add_task(description, total=total, info="")
+    done, start, next_line = 0, time.time(), max(1, total // 10)
 
-        def advance(n: int = 1, **fields):
-            info = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-            bar.update(task, advance=n, info=info)
+    def advance(n: int = 1, **fields):
+        nonlocal done, next_line
+        done += n
+        info = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        bar.update(task, advance=n, info=info)
+        if not tty and outer and (done >= next_line or done == total):
+            next_line += max(1, total // 10)
+            console.print(f"{description}: {done}/{total} {time.time() - start:.0f}s {info}", highlight=False)
 
+    try:
         yield advance
+    finally:
+        if outer:
+            bar.stop()
+            _live = None
+        else:
+            bar.remove_task(task)

@@ -19,6 +19,7 @@ import torch
 
 from keel.config import EvalConfig, RLConfig
 from keel.device import autocast, make_generator, pick_device
+from keel.errors import KeelError
 from keel.evaluate import evaluate
 from keel.models import render_prompt, special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
@@ -41,6 +42,19 @@ class Batch:
     format_B: torch.Tensor
     finished_B: torch.Tensor
     sampled: int  # completions generated to fill this batch (dynamic sampling may discard some)
+
+
+def train_prompts(task, seed: int) -> list:
+    """As many distinct training prompts as the task has, up to TRAIN_POOL; small tasks (1-digit
+    sums, short files) refuse large requests, so ask for less until they agree."""
+    n = TRAIN_POOL
+    while True:
+        try:
+            return task.examples("train", n, seed=seed)
+        except KeelError:
+            if n <= 8:
+                raise
+            n //= 2
 
 
 class PromptStream:
@@ -73,7 +87,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.task = get_task(cfg.task, **cfg.task_options)
         self.eos_id, self.pad_id = special_ids(tokenizer)
-        self.prompts = PromptStream(self.task.examples("train", TRAIN_POOL, seed=cfg.seed), cfg.seed)
+        self.prompts = PromptStream(train_prompts(self.task, cfg.seed), cfg.seed)
         self.generator = make_generator(self.device, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.ref = None

@@ -106,11 +106,11 @@ def test_eval_prints_json(tiny_model):
 
 
 def test_sft_then_rl_write_hf_models(tmp_path, tiny_model):
-    r = keel("sft", "--model", tiny_model, "--out", tmp_path / "sft", "--steps", "2", "-o", "digits=1")
+    r = keel("sft", "--model", tiny_model, "--out", tmp_path / "sft", "--steps", "2", "-o", "digits=2")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "sft" / "model" / "model.safetensors").is_file()
     r = keel("rl", "--model", tmp_path / "sft" / "model", "--out", tmp_path / "rl", "--steps", "2",
-             "--loss", "dapo", "-o", "digits=1")
+             "--loss", "dapo", "-o", "digits=1")  # a tiny task: the prompt pool shrinks to fit
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
