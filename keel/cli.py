@@ -37,9 +37,16 @@ def _stage_config(cls, recipe: Optional[Path], **flags):
     return override(cfg, **flags)
 
 
-def _refuse_existing(out: Path) -> None:
+def _train(train, cfg, model: Path, out: Path) -> None:
+    """Load `model`, run a training stage on it, write OUT/model; a finished run is never overwritten."""
+    from keel.models import load_model, save_model
+
     if (out / "model").exists() and any((out / "model").iterdir()):
         raise KeelError(f"{out}/model already exists: pass a new --out, or delete it to train again")
+    m, tokenizer = load_model(model)
+    train(m, tokenizer, cfg, out)
+    save_model(m, tokenizer, out / "model")
+    typer.echo(f"wrote {out / 'model'}")
 
 
 @app.command()
@@ -97,16 +104,11 @@ def sft_cmd(model: Path = typer.Option(..., help="HF model directory to start fr
             steps: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None):
     """Cold-start supervised training on reasoning traces (loss on completions only)."""
     from keel.config import SFTConfig
-    from keel.models import load_model, save_model
     from keel.sft import sft
 
     cfg = _stage_config(SFTConfig, recipe, task=task, task_options=_options(option) or None,
                         steps=steps, device=device, seed=seed)
-    _refuse_existing(out)
-    m, tokenizer = load_model(model)
-    sft(m, tokenizer, cfg, out)
-    save_model(m, tokenizer, out / "model")
-    typer.echo(f"wrote {out / 'model'}")
+    _train(sft, cfg, model, out)
 
 
 @app.command("rl")
@@ -120,16 +122,11 @@ def rl_cmd(model: Path = typer.Option(..., help="HF model directory to start fro
            device: Optional[str] = None, seed: Optional[int] = None):
     """RL from verifiable rewards with the GRPO family."""
     from keel.config import RLConfig
-    from keel.models import load_model, save_model
     from keel.rl.trainer import rl
 
     cfg = _stage_config(RLConfig, recipe, task=task, task_options=_options(option) or None, loss=loss,
                         steps=steps, group_size=group_size, device=device, seed=seed)
-    _refuse_existing(out)
-    m, tokenizer = load_model(model)
-    rl(m, tokenizer, cfg, out)
-    save_model(m, tokenizer, out / "model")
-    typer.echo(f"wrote {out / 'model'}")
+    _train(rl, cfg, model, out)
 
 
 @app.command("eval")

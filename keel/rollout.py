@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
+from keel.rl.losses import entropy_BT, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,6 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
             mask_BP[i, P - len(p) :] = 1
     pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
     return ids_BP.to(device), mask_BP.to(device), pos_BP.to(device)
-
-
-def _logprobs_of(logits_BTV: Tensor, ids_BT: Tensor, temperature: float) -> Tensor:
-    """log_softmax(logits / temperature) at ids_BT, fp32, computed as gather - logsumexp so no second
-    [B, T, V] log-prob tensor is kept for backward."""
-    scaled_BTV = logits_BTV.float() / temperature
-    return scaled_BTV.gather(-1, ids_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled_BTV, dim=-1)
-
-
-@torch.no_grad()
-def _entropy(logits_BTV: Tensor, temperature: float) -> Tensor:
-    """Entropy of softmax(logits / temperature) per position, fp32, no grad."""
-    logp_BTV = torch.log_softmax(logits_BTV.float() / temperature, dim=-1)
-    return -(logp_BTV.exp() * logp_BTV).sum(-1)
 
 
 def _sample(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -268,6 +255,9 @@ def completion_logprobs(
     logits_BCV = out.logits[:, :C, :]
     assert logits_BCV.shape[1] == C and ids_BT.shape[1] == P + C
 
-    logp_BC = _logprobs_of(logits_BCV, comp_BC, temperature)
-    entropy_BC = _entropy(logits_BCV, temperature) if with_entropy else None
+    logp_BC = token_logprobs(logits_BCV, comp_BC, temperature)
+    entropy_BC = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_BC = entropy_BT(logits_BCV / temperature)
     return logp_BC, mask_BC.float(), entropy_BC

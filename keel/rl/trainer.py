@@ -124,21 +124,19 @@ class Trainer:
         """A batch of `prompts_per_step` groups. With dynamic sampling, groups whose rewards are all
         equal (no learning signal) are dropped and more prompts are drawn, up to `max_refills` rounds."""
         cfg, G = self.cfg, self.cfg.group_size
-        batch = self._rollout(self.prompts.take(cfg.prompts_per_step))
         if not self.dynamic:
-            return batch
+            return self._rollout(self.prompts.take(cfg.prompts_per_step))
         kept, sampled = [], 0
-        for round_ in range(cfg.max_refills + 1):
-            if round_:
-                batch = self._rollout(self.prompts.take(cfg.prompts_per_step))
+        for _ in range(cfg.max_refills + 1):
+            batch = self._rollout(self.prompts.take(cfg.prompts_per_step))
             sampled += batch.sampled
             keep = groups_with_signal(batch.rewards_B, G)
             kept += [(batch, g) for g in range(len(keep)) if keep[g]]
             if len(kept) >= cfg.prompts_per_step:
                 break
-        kept = kept[:cfg.prompts_per_step]
-        pick = lambda name: [getattr(b, name)[i] for b, g in kept for i in range(g * G, (g + 1) * G)]
-        stack = lambda name: torch.stack(pick(name)) if kept else torch.zeros(0)
+        rows = [(b, i) for b, g in kept[:cfg.prompts_per_step] for i in range(g * G, (g + 1) * G)]
+        pick = lambda name: [getattr(b, name)[i] for b, i in rows]
+        stack = lambda name: torch.stack(pick(name)) if rows else torch.zeros(0)
         return Batch(pick("prompts"), pick("completions"), stack("rewards_B"), stack("correct_B"),
                      stack("format_B"), stack("finished_B"), sampled)
 

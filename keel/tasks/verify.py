@@ -12,11 +12,13 @@ returns None/False/0.0 instead) and does bounded work on any input. The guards, 
   places and not others; one explicit rule keeps extraction and comparison consistent.
 - The symbolic fallback uses sympy's `parse_expr`, which calls eval() internally. It is only reached
   when both strings pass a strict whitelist (digits, + - * / ^ ( ) . spaces, single lowercase letters,
-  `sqrt`; at most `MAX_SYMBOLIC_CHARS`), so no name, attribute or call can be smuggled into eval.
-  Powers are limited (at most two, not chained, exponents a 1-2 digit number or a letter, their
-  product <= 100) because `9^9^9` or `(9^99)^99` would build astronomically large numbers, and the
-  comparison evaluates at points instead of calling `simplify`, which has no time bound (minutes on
-  `((x+1)^99)^99` vs `1`). `sympify` is never used.
+  `sqrt`; at most `MAX_SYMBOLIC_CHARS`; dots only inside numbers; no letter followed by a digit, as
+  "z2" is one Python name), so no name, attribute or call can be smuggled into eval. Powers are
+  limited (at most two, not chained, exponents a 1-2 digit number or a letter, their product <= 100)
+  because `9^9^9` or `(9^99)^99` would build astronomically large numbers. Expressions are parsed
+  unevaluated and compared by evaluating at points, never with `simplify` (minutes on
+  `((x+1)^99)^99` vs `1`) nor exact roots (seconds factorising `sqrt(123...^99)`). `sympify` is
+  never used.
 - `format_reward` uses `str.count`/`str.find` rather than a backtracking regex: linear on any input.
 """
 
@@ -165,6 +167,10 @@ def _safe_for_sympy(s: str) -> bool:
         return False
     if any(len(w) > 1 and w != "sqrt" for w in re.findall(r"[a-z]+", s)):
         return False
+    if re.search(r"[a-z][0-9]", s):  # "z2" would be one Python name, dodging the power checks
+        return False
+    if re.search(r"\(\s*\)", s):  # "()" is an empty tuple, which sympy warns about
+        return False
     if re.search(r"\.(?![0-9])|[a-z)]\s*\.", s):  # no attribute access like `x.n(...)`
         return False
     powers = len(_POWER.findall(s))
@@ -177,13 +183,23 @@ def _safe_for_sympy(s: str) -> bool:
     return growth <= MAX_EXPONENT_PRODUCT
 
 
+def _has_root(expr) -> bool:
+    """True if any power in the (unevaluated) expression has a non-integer exponent: sqrt, x^(1/3)."""
+    from sympy import Pow
+
+    return any(not p.exp.is_Integer for p in expr.atoms(Pow))
+
+
 def _symbolic_equal(a: str, b: str) -> bool:
     """True when two whitelisted expressions agree at three fixed rational points for their
-    variables: exactly where both values are rational, else to 25 of 40 significant digits (so two
-    irrational values closer than that count as equal). False on anything unusual.
+    variables; False on anything unusual. Without roots the values are compared exactly (rational
+    arithmetic); with roots, numerically to 25 of 40 significant digits (so two irrational values
+    closer than that count as equal).
 
-    Not `simplify(a - b) == 0`: simplify has no time bound (it ran for minutes on `((x+1)^99)^99`
-    against `1`), while evaluating an expression of at most 100 characters at a point is fast."""
+    Not `simplify(a - b) == 0`, and not sympy's automatic evaluation: simplify has no time bound
+    (minutes on `((x+1)^99)^99` vs `1`), and exact roots of large integers run factorisations
+    (seconds on `sqrt(12345678901234567890^99)`). Parsing with evaluate=False and then evaluating
+    at a point, exactly only when there are no roots, keeps each call in milliseconds."""
     if not (_safe_for_sympy(a) and _safe_for_sympy(b)):
         return False
     try:
@@ -198,17 +214,18 @@ def _symbolic_equal(a: str, b: str) -> bool:
 
         # "2x", "2sqrt(3)": implicit products; "^" is a power; decimals become exact rationals.
         transformations = standard_transformations + (implicit_multiplication, convert_xor, rationalize)
-        ea = parse_expr(a, transformations=transformations, evaluate=True)
-        eb = parse_expr(b, transformations=transformations, evaluate=True)
+        ea = parse_expr(a, transformations=transformations, evaluate=False)
+        eb = parse_expr(b, transformations=transformations, evaluate=False)
+        exact = not (_has_root(ea) or _has_root(eb))
         symbols = sorted(ea.free_symbols | eb.free_symbols, key=str)
         for trial in range(3):  # distinct, non-integer points away from 0 and 1
             point = {s: Rational(3 + 2 * i + 5 * trial, 7 + i) for i, s in enumerate(symbols)}
-            va, vb = ea.subs(point), eb.subs(point)
-            if va.is_Rational and vb.is_Rational:  # exact whenever no roots are involved
-                if va != vb:
+            if exact:
+                va, vb = ea.xreplace(point).doit(), eb.xreplace(point).doit()
+                if not (va.is_Rational and vb.is_Rational) or va != vb:  # 1/0 gives zoo: not equal
                     return False
                 continue
-            va, vb = va.evalf(40), vb.evalf(40)
+            va, vb = ea.evalf(40, subs=point), eb.evalf(40, subs=point)
             if not (va.is_number and vb.is_number and va.is_finite and vb.is_finite):
                 return False
             if abs(va - vb) > Rational(1, 10**25) * max(1, abs(va), abs(vb)):
