@@ -37,10 +37,22 @@ def _stage_config(cls, recipe: Optional[Path], **flags):
     return override(cfg, **flags)
 
 
-def _train(train, cfg, model: Path, out: Path) -> None:
-    """Load `model`, run a training stage on it, write OUT/model; a finished run is never overwritten."""
+def _with_resilience(cfg, resume, checkpoint_every, inject):
+    from keel.config import override
+
+    changes = {"resume": resume or None, "checkpoint_every": checkpoint_every, "inject": inject}
+    return override(cfg, resilience=dataclasses.asdict(override(cfg.resilience, **changes)))
+
+
+def _train(train, cfg, model: Path, out: Path, max_restarts: int) -> None:
+    """Load `model`, run a training stage on it, write OUT/model; a finished run is never overwritten.
+    With `max_restarts`, the stage runs in a child process that is restarted (resuming) when it dies."""
     from keel.models import load_model, save_model
 
+    if max_restarts:
+        from keel.resilience.supervise import supervise, without_option
+
+        sys.exit(supervise(without_option(sys.argv[1:], "--max-restarts"), max_restarts, out))
     if (out / "model").exists() and any((out / "model").iterdir()):
         raise KeelError(f"{out}/model already exists: pass a new --out, or delete it to train again")
     m, tokenizer = load_model(model)
@@ -101,14 +113,19 @@ def sft_cmd(model: Path = typer.Option(..., help="HF model directory to start fr
             recipe: Optional[Path] = typer.Option(None, help="YAML with SFT settings (see recipes/)"),
             task: Optional[str] = typer.Option(None, help=TASK_HELP),
             option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
-            steps: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None):
+            steps: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None,
+            resume: bool = typer.Option(False, help="continue from the newest good checkpoint in OUT (fresh if none)"),
+            checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
+            max_restarts: int = typer.Option(0, help="restart the run in place this many times if it dies"),
+            inject: Optional[str] = typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)"),
+):
     """Cold-start supervised training on reasoning traces (loss on completions only)."""
     from keel.config import SFTConfig
     from keel.sft import sft
 
     cfg = _stage_config(SFTConfig, recipe, task=task, task_options=_options(option) or None,
                         steps=steps, device=device, seed=seed)
-    _train(sft, cfg, model, out)
+    _train(sft, _with_resilience(cfg, resume, checkpoint_every, inject), model, out, max_restarts)
 
 
 @app.command("rl")
@@ -119,14 +136,19 @@ def rl_cmd(model: Path = typer.Option(..., help="HF model directory to start fro
            option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
            loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo | gspo"),
            steps: Optional[int] = None, group_size: Optional[int] = None,
-           device: Optional[str] = None, seed: Optional[int] = None):
+           device: Optional[str] = None, seed: Optional[int] = None,
+           resume: bool = typer.Option(False, help="continue from the newest good checkpoint in OUT (fresh if none)"),
+           checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
+           max_restarts: int = typer.Option(0, help="restart the run in place this many times if it dies"),
+           inject: Optional[str] = typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)"),
+):
     """RL from verifiable rewards with the GRPO family."""
     from keel.config import RLConfig
     from keel.rl.trainer import rl
 
     cfg = _stage_config(RLConfig, recipe, task=task, task_options=_options(option) or None, loss=loss,
                         steps=steps, group_size=group_size, device=device, seed=seed)
-    _train(rl, cfg, model, out)
+    _train(rl, _with_resilience(cfg, resume, checkpoint_every, inject), model, out, max_restarts)
 
 
 @app.command("eval")
@@ -147,6 +169,70 @@ def eval_cmd(model: Path = typer.Option(..., help="HF model directory"),
     result = evaluate(m, tokenizer, cfg)
     result.pop("examples")
     typer.echo(json.dumps(result))
+
+
+label_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                        help="Label questions with the model itself: verified traces, majority votes, review.")
+app.add_typer(label_app, name="label")
+
+
+@label_app.callback(invoke_without_command=True)
+def label_cmd(ctx: typer.Context,
+              model: Optional[Path] = typer.Option(None, help="HF model directory that writes the traces"),
+              questions: Optional[Path] = typer.Option(None, help=".jsonl/.parquet: question, optional answer, other fields kept"),
+              out: Optional[Path] = typer.Option(None, help="label file to write, or to resume (.jsonl or .parquet)"),
+              k: Optional[int] = typer.Option(None, "-k", help="traces sampled per question (default 8)"),
+              task: Optional[str] = typer.Option(None, help="verifier: a task whose reward checks traces (default: compare answers)"),
+              option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
+              recipe: Optional[Path] = typer.Option(None, help="YAML with label settings (LabelConfig)"),
+              all_traces: bool = typer.Option(False, "--all-traces", help="a row per distinct accepted trace"),
+              threshold: Optional[float] = typer.Option(None, help="flag majority labels with agreement below this (default 0.5)"),
+              fmt: Optional[str] = typer.Option(None, "--format", help="jsonl | parquet (default: by --out's suffix)"),
+              temperature: Optional[float] = None, max_new_tokens: Optional[int] = None,
+              batch_questions: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None):
+    """Sample k traces per question; keep the verified ones, or label by majority vote (`review`: people)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if model is None or questions is None or out is None:
+        raise KeelError("keel label needs --model, --questions and --out (or a subcommand: keel label review)")
+    from keel.config import LabelConfig
+    from keel.label import label_file
+
+    cfg = _stage_config(LabelConfig, recipe, k=k, task=task, task_options=_options(option) or None,
+                        all_traces=all_traces or None, threshold=threshold, temperature=temperature,
+                        max_new_tokens=max_new_tokens, batch_questions=batch_questions, device=device, seed=seed)
+    typer.echo(json.dumps(label_file(model, questions, out, cfg, fmt)))
+
+
+@label_app.command("review")
+def label_review_cmd(labels: Path = typer.Option(..., "--in", help="a label file written by keel label"),
+                     export: Optional[Path] = typer.Option(None, "--export", help="write the flagged questions to this CSV"),
+                     import_: Optional[Path] = typer.Option(None, "--import", help="merge the CSV's human_answer column")):
+    """Round-trip flagged labels through a spreadsheet: --export, fill in human_answer, --import."""
+    from keel.label import export_review, import_review
+
+    if (export is None) == (import_ is None):
+        raise KeelError("pass one of --export review.csv or --import review.csv")
+    if export is not None:
+        typer.echo(f"wrote {export_review(labels, export)} questions to review to {export}")
+    else:
+        typer.echo(json.dumps(import_review(labels, import_)))
+
+
+@app.command("expert-iteration")
+def expert_iteration_cmd(model: Path = typer.Option(..., help="the (SFT) model that labels and is fine-tuned"),
+                         out: Path = typer.Option(..., help="run folder: labels, report.md, OUT/model"),
+                         recipe: Optional[Path] = typer.Option(None, help="YAML (see recipes/expert_iteration.yaml)"),
+                         questions: Optional[int] = typer.Option(None, help="train questions to label"),
+                         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | npu | xpu | mps")):
+    """Label train questions with the model, fine-tune on the accepted traces, report the test gain."""
+    from keel.config import ExpertIterationConfig
+    from keel.expert import expert_iteration
+
+    cfg = _stage_config(ExpertIterationConfig, recipe, questions=questions)
+    report = expert_iteration(cfg, model, out, device=device)
+    typer.echo(json.dumps({"before": report["before"]["pass@1"], "after": report["after"]["pass@1"],
+                           "gain_pass@1": report["gain_pass@1"], "out": str(out)}))
 
 
 def main() -> None:

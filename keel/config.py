@@ -35,6 +35,26 @@ class ModelInit:
 
 
 @dataclass(frozen=True)
+class ResilienceConfig:
+    """Checkpoints, guards and fault injection; shared by the training stages."""
+    checkpoint_every: int = 0        # steps between checkpoints (0: by time only, or none)
+    checkpoint_seconds: float = 0.0  # seconds between checkpoints (0: by steps only, or none)
+    keep: int = 3                    # newest checkpoints kept
+    async_checkpoint: bool = False   # copy to host memory, write in a background thread
+    resume: bool = False             # continue from the newest checkpoint that verifies, if any
+    spike_zscore: float = 0.0        # loss/grad-norm z-score that rolls back to the last checkpoint (0: off)
+    spike_window: int = 20           # steps in the moving window of that z-score
+    hang_seconds: float = 0.0        # a step slower than this dumps stacks and exits 3 (0: off)
+    inject: str = ""                 # fault spec, e.g. "kill@step=7,nan_grad@step=3" (also $KEEL_FAULTS)
+
+    def __post_init__(self):
+        _require(self.checkpoint_every >= 0 and self.checkpoint_seconds >= 0 and self.keep >= 1,
+                 "resilience: checkpoint_every and checkpoint_seconds must be >= 0, keep >= 1")
+        _require(self.spike_zscore >= 0 and self.spike_window >= 2 and self.hang_seconds >= 0,
+                 "resilience: spike_zscore and hang_seconds must be >= 0, spike_window >= 2")
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """Cold-start supervised training on reasoning traces, loss on the completion only."""
     task: str = "arithmetic"     # task name or a .jsonl/.parquet file with question/answer/trace
@@ -50,7 +70,7 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | npu | xpu | mps
     dtype: str = "auto"          # auto (bf16 where the device has it, else fp32) | fp32 | bf16 | fp16
-    log_every: int = 10
+    resilience: ResilienceConfig = ResilienceConfig()
 
     def __post_init__(self):
         _require(self.examples >= 1 and self.steps >= 1, "sft: examples and steps must be >= 1")
@@ -88,7 +108,7 @@ class RLConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
-    log_every: int = 1
+    resilience: ResilienceConfig = ResilienceConfig()
 
     def __post_init__(self):
         _require(self.loss in LOSSES, f"rl: unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
@@ -211,3 +231,99 @@ def override(cfg, **changes):
     """`cfg` with the non-None `changes` applied and re-validated (CLI flags win over recipes)."""
     changes = {k: v for k, v in changes.items() if v is not None}
     return from_dict(type(cfg), {**dataclasses.asdict(cfg), **changes}) if changes else cfg
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """`keel label`: k sampled traces per question; a reference answer and a verifier accept the
+    correct ones (rejection sampling), else a majority vote of the extracted answers labels it."""
+    k: int = 8                   # sampled traces per question
+    task: str | None = None      # verifier: a task name (its reward checks traces); None: answers_match on the answer
+    task_options: dict = field(default_factory=dict)
+    temperature: float = 1.0     # sampling temperature of the traces
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    threshold: float = 0.5       # majority labels with agreement below this are flagged for review
+    all_traces: bool = False     # one row per distinct accepted trace instead of the best one
+    question_key: str = "question"  # column names in the questions file
+    answer_key: str = "answer"
+    batch_questions: int = 8     # questions sampled together (k rows each) in one generate call
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _require(self.k >= 1 and self.batch_questions >= 1, "label: k and batch_questions must be >= 1")
+        _require(self.temperature > 0, "label: temperature must be > 0 (k greedy traces would all be the same)")
+        _require(0 < self.top_p <= 1, "label: top_p must be in (0, 1]")
+        _require(self.max_new_tokens >= 1, "label: max_new_tokens must be >= 1")
+        _require(0 <= self.threshold <= 1, "label: threshold must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ExpertIterationConfig:
+    """Expert iteration: label train questions with the model itself, fine-tune on the accepted
+    traces, and compare test pass@1 before and after."""
+    task: str = "arithmetic"
+    task_options: dict = field(default_factory=lambda: {"digits": 3})
+    questions: int = 2000        # train questions to label
+    question_seed: int = 1       # which train questions (an SFT run with seed 0 drew seed 0's)
+    hide_answers: bool = True    # True: label by majority vote; False: verify against the answers
+    label: LabelConfig = LabelConfig(k=8, max_new_tokens=48)
+    sft: SFTConfig = SFTConfig(steps=150, lr=1e-3, warmup=10)
+    eval: EvalConfig = EvalConfig(n=200, k=8, max_new_tokens=48)
+
+    def __post_init__(self):
+        _require(self.questions >= 1, "expert iteration: questions must be >= 1")
+
+    def stage(self, name: str):
+        """A stage's config with this run's task (the SFT stage gets its data file later)."""
+        return dataclasses.replace(getattr(self, name), task=self.task, task_options=self.task_options)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`keel serve`: an OpenAI-compatible server with continuous batching."""
+    backend: str = "torch"       # torch (an HF directory) | onnxruntime (a `keel export` directory)
+    device: str = "auto"         # torch backend: auto | cpu | cuda | npu | xpu | mps
+    dtype: str = "fp32"          # torch backend: fp32 | bf16 | fp16 (an ONNX graph has its own)
+    provider: str = "cpu"        # onnxruntime backend: cpu | cuda | cann | openvino | ... or a full provider name
+    host: str = "127.0.0.1"      # loopback only unless you mean it; pair another host with an api_key
+    port: int = 8000
+    api_key: str = ""            # required as "Authorization: Bearer KEY" when set
+    model_name: str = ""         # the id clients send as "model" ("" = the model directory's name)
+    max_batch: int = 16          # rows decoded together; more requests wait their turn
+    max_context: int = 0         # prompt + completion tokens (0 = the model's max positions)
+    default_max_tokens: int = 256  # completion budget when a request names none (capped by the context)
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    seed: int = 0                # seeds the per-request generators of requests that bring no seed
+
+    def __post_init__(self):
+        _require(self.backend in ("torch", "onnxruntime"), f"serve: unknown backend {self.backend!r}: use torch or onnxruntime")
+        _require(0 <= self.port < 65536, f"serve: port must be in [0, 65535] (got {self.port})")
+        _require(self.max_batch >= 1 and self.default_max_tokens >= 1 and self.max_context >= 0,
+                 "serve: max_batch and default_max_tokens must be >= 1, max_context >= 0")
+        _require(self.max_body_bytes >= 1024, "serve: max_body_bytes must be >= 1024")
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """`keel parity`: does a candidate backend compute what the reference computes?"""
+    task: str = "arithmetic"     # prompts and the accuracy check come from this task's test split
+    task_options: dict = field(default_factory=lambda: {"digits": 3})
+    n: int = 200                 # test prompts
+    max_new_tokens: int = 64     # greedy tokens per prompt
+    batch: int = 64              # rows decoded together
+    top_k: int = 5               # containment check at the first divergence (vLLM's check_logprobs_close)
+    seed: int = 0
+    min_match_same_dtype: float = 1.0        # greedy exact-match fraction required when dtypes are equal
+    max_logit_delta_same_dtype: float = 1e-3  # max |delta logit| allowed when dtypes are equal
+    min_topk_containment: float = 1.0        # fraction of diverging prompts whose tokens are in each other's top-k
+    max_accuracy_drop: float = 0.02          # candidate accuracy may trail the reference's by this much
+
+    def __post_init__(self):
+        _require(self.n >= 1 and self.max_new_tokens >= 1 and self.batch >= 1 and self.top_k >= 1,
+                 "parity: n, max_new_tokens, batch and top_k must be >= 1")
+        _require(0 <= self.min_match_same_dtype <= 1 and 0 <= self.min_topk_containment <= 1,
+                 "parity: min_match_same_dtype and min_topk_containment must be in [0, 1]")
+        _require(self.max_logit_delta_same_dtype >= 0 and self.max_accuracy_drop >= 0,
+                 "parity: max_logit_delta_same_dtype and max_accuracy_drop must be >= 0")

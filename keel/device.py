@@ -65,3 +65,17 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued kernels, for honest timings."""
     if device.type != "cpu":
         torch.accelerator.synchronize(device)
+
+
+def accelerator_rng_states() -> list[torch.Tensor]:
+    """Every accelerator device's RNG state (empty on a CPU-only machine), for exact resume."""
+    acc = torch.accelerator.current_accelerator(check_available=True)
+    if acc is None:
+        return []
+    return list(torch.get_device_module(acc.type).get_rng_state_all())
+
+
+def set_accelerator_rng_states(states: list[torch.Tensor]) -> None:
+    acc = torch.accelerator.current_accelerator(check_available=True)
+    if acc is not None and states:
+        torch.get_device_module(acc.type).set_rng_state_all(states)

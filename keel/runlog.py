@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,24 @@ class RunLog:
     def metrics(self, row: dict) -> None:
         self._metrics.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
         self._metrics.flush()
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Forget `stage`'s rows after `step` (a resumed or rolled-back run writes them again).
+        A torn last line from a killed process is dropped too."""
+        self._metrics.close()
+        path = self.out / "metrics.jsonl"
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("stage") != stage or row.get("step", 0) <= step:
+                keep.append(line + "\n")
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+        self._metrics = open(path, "a")
 
     def event(self, kind: str, **fields) -> None:
         self._events.write(json.dumps({"time": time.time(), "event": kind, **fields}) + "\n")

@@ -22,7 +22,11 @@ from keel.device import autocast, pick_device
 from keel.errors import KeelError
 from keel.models import render_prompt, special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
-from keel.runlog import RunLog, progress
+from keel.resilience.faults import NO_FAULTS
+from keel.resilience.guard import guarded_update
+from keel.resilience.loop import run
+from keel.resilience.state import (load_model_state, load_optimizer_state, model_state, optimizer_state,
+                                   rng_state, set_rng_state)
 from keel.tasks import get_task
 
 IGNORE = -100
@@ -97,6 +101,10 @@ class Batches:
         random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
 
+    def seek(self, epoch: int, cursor: int) -> None:
+        self.epoch, self.cursor = epoch, cursor
+        self._order = self._shuffle()
+
     def next(self) -> Packed:
         chosen, tokens = [], 0
         while True:
@@ -120,36 +128,56 @@ def completion_loss(model, batch: Packed) -> tuple[torch.Tensor, int]:
     return loss, n
 
 
-def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> dict:
-    """Train `model` in place; logs to `out`. Returns the last step's metrics."""
-    device = pick_device(cfg.device)
-    model.to(device).train()
-    task = get_task(cfg.task, **cfg.task_options)
-    examples = drop_thinking(task.examples("train", cfg.examples, seed=cfg.seed), cfg.drop_thinking, cfg.seed)
-    pairs = encode_traces(tokenizer, examples)
-    _, pad_id = special_ids(tokenizer)
-    batches = Batches(pairs, cfg.batch_tokens, pad_id, cfg.seed)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    log = RunLog(out)
-    row = {}
-    with progress("sft", cfg.steps) as advance:
-        for step in range(cfg.steps):
-            t0 = time.perf_counter()
-            lr = cfg.lr * lr_factor(step, cfg.warmup, cfg.steps, "cosine")
-            set_lr(optimizer, lr)
-            batch = batches.next()
-            batch = Packed(*(x.to(device) for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
-            with autocast(device, cfg.dtype):
-                loss, n_tokens = completion_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            dt = time.perf_counter() - t0
-            row = {"stage": "sft", "step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                   "tokens": n_tokens, "tokens_per_s": batch.input_ids_BT.numel() / dt, "epoch": batches.epoch}
-            log.metrics(row)
-            advance(loss=row["loss"])
-    log.close()
+class SFTTrainer:
+    """One packed batch per step; state() holds everything needed to continue exactly."""
+
+    def __init__(self, model, tokenizer, cfg: SFTConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.model = model.to(self.device).train()
+        task = get_task(cfg.task, **cfg.task_options)
+        examples = drop_thinking(task.examples("train", cfg.examples, seed=cfg.seed), cfg.drop_thinking, cfg.seed)
+        _, pad_id = special_ids(tokenizer)
+        self.batches = Batches(encode_traces(tokenizer, examples), cfg.batch_tokens, pad_id, cfg.seed)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.step_idx = 0
+
+    def step(self, injector=NO_FAULTS, apply: bool = True) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, "cosine")
+        set_lr(self.optimizer, lr)
+        batch = self.batches.next()
+        batch = Packed(*(x.to(self.device) for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
+        self.step_idx += 1
+        row = {"stage": "sft", "step": self.step_idx, "lr": lr, "epoch": self.batches.epoch}
+        if not apply:
+            return row
+        with autocast(self.device, cfg.dtype):
+            loss, n_tokens = completion_loss(self.model, batch)
+        grad_norm, applied = guarded_update(self.model, self.optimizer, loss, cfg.grad_clip, injector, self.step_idx)
+        return {**row, "loss": loss.item(), "grad_norm": grad_norm, "tokens": n_tokens,
+                "tokens_per_s": batch.input_ids_BT.numel() / (time.perf_counter() - t0),
+                **({} if applied else {"skipped": "nonfinite"})}
+
+    def state(self):
+        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        rng_tensors, rng_meta = rng_state()
+        tensors = {"model": model_state(self.model), "optimizer": opt_tensors, "rng": rng_tensors}
+        return tensors, {"step": self.step_idx, "epoch": self.batches.epoch, "cursor": self.batches.cursor,
+                         "optimizer": opt_meta, "rng": rng_meta}
+
+    def load_state(self, tensors, state) -> None:
+        load_model_state(self.model, tensors["model"])
+        load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
+        set_rng_state(tensors["rng"], state["rng"])
+        self.step_idx = state["step"]
+        self.batches.seek(state["epoch"], state["cursor"])
+
+
+def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> list[dict]:
+    """Train `model` in place; metrics and checkpoints go to `out`. Returns the metrics rows."""
+    trainer = SFTTrainer(model, tokenizer, cfg)
+    rows = run(trainer, out, cfg.resilience, cfg.steps, "sft")
     model.eval()
-    return row
+    return rows

@@ -26,7 +26,11 @@ from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
 from keel.rl.losses import LOSS_EPS, policy_loss
 from keel.rollout import SamplingParams, completion_logprobs, generate
-from keel.runlog import RunLog, progress
+from keel.resilience.faults import NO_FAULTS
+from keel.resilience.guard import guarded_update
+from keel.resilience.loop import run
+from keel.resilience.state import (load_model_state, load_optimizer_state, model_state, optimizer_state,
+                                   rng_state, set_rng_state)
 from keel.tasks import get_task
 
 TRAIN_POOL = 4096  # distinct training prompts drawn from a generated task
@@ -68,6 +72,10 @@ class PromptStream:
         order = list(range(len(self.examples)))
         random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
+
+    def seek(self, epoch: int, cursor: int) -> None:
+        self.epoch, self.cursor = epoch, cursor
+        self.order = self._shuffle()
 
     def take(self, n: int):
         out = []
@@ -146,7 +154,7 @@ class Trainer:
             return completion_logprobs(model, batch.prompts, batch.completions, pad_id=self.pad_id,
                                        temperature=self.cfg.temperature, with_entropy=with_entropy)
 
-    def step(self) -> dict:
+    def step(self, injector=NO_FAULTS, apply: bool = True) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, cfg.lr_schedule)
@@ -155,9 +163,9 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
         row = {"stage": "rl", "step": self.step_idx + 1, "lr": lr, "sampled": batch.sampled,
                "groups": len(batch.completions) // cfg.group_size}
-        if not batch.completions:  # dynamic sampling found no group with signal
+        if not apply or not batch.completions:  # a skipped batch, or no group with signal
             self.step_idx += 1
-            return {**row, "skipped": 1}
+            return {**row, "skipped": "no_signal"} if apply else row
         adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=cfg.loss != "dr_grpo")
         adv_B = adv_B.to(self.device)
         self.model.train()
@@ -168,15 +176,15 @@ class Trainer:
         if self.ref is not None:
             with torch.no_grad():
                 ref_logp, _, _ = self._logprobs(self.ref, batch)
+        skipped = 0
         for _ in range(cfg.updates_per_batch):
             logp, mask, entropy = self._logprobs(self.model, batch, with_entropy=True)
             loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv_B, mask,
                                       kind=cfg.loss, eps_low=self.eps_low, eps_high=self.eps_high,
                                       norm_len=cfg.max_new_tokens, ref_logp_BT=ref_logp, beta=cfg.beta)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
+            grad_norm, applied = guarded_update(self.model, self.optimizer, loss, cfg.grad_clip, injector,
+                                                self.step_idx + 1)
+            skipped += not applied
         self.model.eval()
         dt = time.perf_counter() - t0
         n_tokens = int(mask.sum().item())
@@ -187,30 +195,44 @@ class Trainer:
             "accuracy": batch.correct_B.mean().item(), "response_length": lengths.float().mean().item(),
             "truncated": 1 - batch.finished_B.float().mean().item(),
             "clip_frac": stats["clip_frac"], "kl": stats["kl"], "entropy": (entropy * mask).sum().item() / max(1, n_tokens),
-            "grad_norm": grad_norm.item(), "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
+            "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
         })
+        if skipped:  # counted per update; the row says the step lost at least one
+            row["skipped"] = "nonfinite"
         self.step_idx += 1
         return row
 
-    def train(self, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:
+    def evaluate_every(self, row: dict, eval_cfg: EvalConfig | None) -> None:
+        """Held-out greedy pass@1 every `eval_every` steps, added to the step's row."""
         cfg = self.cfg
-        log = RunLog(out)
-        rows = []
-        with progress(f"rl ({cfg.loss})", cfg.steps - self.step_idx) as advance:
-            while self.step_idx < cfg.steps:
-                row = self.step()
-                if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
-                    ev = evaluate(self.model, self.tokenizer, eval_cfg or EvalConfig(
-                        task=cfg.task, task_options=cfg.task_options, n=cfg.eval_n,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed), task=self.task, samples=False)
-                    row["test_pass@1"] = ev["pass@1"]
-                log.metrics(row)
-                rows.append(row)
-                advance(reward=row.get("reward", 0.0), acc=row.get("accuracy", 0.0))
-        log.close()
-        return rows
+        if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
+            eval_cfg = eval_cfg or EvalConfig(task=cfg.task, task_options=cfg.task_options, n=cfg.eval_n,
+                                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            row["test_pass@1"] = evaluate(self.model, self.tokenizer, eval_cfg, task=self.task, samples=False)["pass@1"]
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def state(self):
+        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        rng_tensors, rng_meta = rng_state()
+        tensors = {"model": model_state(self.model), "optimizer": opt_tensors,
+                   "rng": {**rng_tensors, "sampler": self.generator.get_state()}}
+        if self.ref is not None:
+            tensors["ref"] = model_state(self.ref)
+        return tensors, {"step": self.step_idx, "epoch": self.prompts.epoch, "cursor": self.prompts.cursor,
+                         "optimizer": opt_meta, "rng": rng_meta}
+
+    def load_state(self, tensors, state) -> None:
+        load_model_state(self.model, tensors["model"])
+        if self.ref is not None:
+            load_model_state(self.ref, tensors["ref"])
+        load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
+        set_rng_state(tensors["rng"], state["rng"])
+        self.generator.set_state(tensors["rng"]["sampler"])
+        self.step_idx = state["step"]
+        self.prompts.seek(state["epoch"], state["cursor"])
 
 
 def rl(model, tokenizer, cfg: RLConfig, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:
-    """Train `model` in place with RL; metrics go to `out/metrics.jsonl`."""
-    return Trainer(model, tokenizer, cfg).train(out, eval_cfg)
+    """Train `model` in place with RL; metrics and checkpoints go to `out`."""
+    trainer = Trainer(model, tokenizer, cfg)
+    return run(trainer, out, cfg.resilience, cfg.steps, "rl", after_step=lambda row: trainer.evaluate_every(row, eval_cfg))

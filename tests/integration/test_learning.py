@@ -9,7 +9,7 @@ import torch
 from keel.config import EvalConfig, RLConfig, SFTConfig
 from keel.evaluate import evaluate
 from keel.models import init_model
-from keel.rl.trainer import Trainer
+from keel.rl.trainer import Trainer, rl
 from keel.runlog import read_jsonl
 from keel.sft import sft
 
@@ -42,7 +42,7 @@ def test_grpo_raises_held_out_pass_at_1(sft_model, tmp_path):
     model, tokenizer, _, after_sft, _ = sft_model
     model = copy.deepcopy(model)
     cfg = RLConfig(task_options=TASK, steps=40, lr=1e-4, max_new_tokens=32, seed=1)
-    Trainer(model, tokenizer, cfg).train(tmp_path)
+    rl(model, tokenizer, cfg, tmp_path)
     after_rl = evaluate(model, tokenizer, EVAL, samples=False)
     assert after_rl["pass@1"] >= after_sft["pass@1"] + 0.15, (after_sft["pass@1"], after_rl["pass@1"])
     rows = read_jsonl(tmp_path / "metrics.jsonl")

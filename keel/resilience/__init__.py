@@ -1,0 +1,1 @@
+"""Surviving unstable accelerators: exact checkpoints, guarded steps, fault injection."""

@@ -1,0 +1,91 @@
+"""Fault injection through the real code paths: `kill@step=7,nan_grad@step=3,corrupt@latest,hang@step=9`.
+
+Each fault fires once per run folder: firing is recorded in events.jsonl before the fault acts,
+so a restarted run does not kill itself again at the same step.
+
+  kill@step=N      SIGKILL this process in the middle of step N (after backward, before the update)
+  nan_grad@step=N  fill the gradients of step N with NaN
+  spike@step=N     scale the loss (and so the gradients) of step N by 1e4
+  hang@step=N      block step N forever (the hang watchdog must catch it)
+  corrupt@latest   flip bytes in the next checkpoint written
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+from keel.errors import KeelError
+
+KINDS = ("kill", "nan_grad", "spike", "hang", "corrupt")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int | None  # None: "latest" (the next checkpoint)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}@{'latest' if self.step is None else f'step={self.step}'}"
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+        kind, _, where = item.partition("@")
+        if kind not in KINDS:
+            raise KeelError(f"unknown fault {kind!r} in {spec!r}: use {', '.join(KINDS)}")
+        if kind == "corrupt" and where == "latest":
+            faults.append(Fault(kind, None))
+            continue
+        key, _, value = where.partition("=")
+        if key != "step" or not value.isdigit():
+            raise KeelError(f"fault {item!r} must look like {kind}@step=N" + (" or corrupt@latest" if kind == "corrupt" else ""))
+        faults.append(Fault(kind, int(value)))
+    return faults
+
+
+class Injector:
+    """Holds the faults still to fire; the training loop asks it at the points where faults act."""
+
+    def __init__(self, spec: str, log, fired: set[str] = frozenset()):
+        self.log = log
+        self.pending = [f for f in parse(spec) if f.key not in fired]
+
+    def _take(self, kind: str, step: int | None) -> bool:
+        for f in self.pending:
+            if f.kind == kind and f.step == step:
+                self.pending.remove(f)
+                self.log.event("fault_injected", fault=f.key)
+                return True
+        return False
+
+    def before_update(self, step: int, model: torch.nn.Module) -> None:
+        """Called after backward, before the optimizer step."""
+        if self._take("nan_grad", step):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        if self._take("hang", step):
+            while True:  # the watchdog ends this process
+                time.sleep(3600)
+        if self._take("kill", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def loss_scale(self, step: int) -> float:
+        return 1e4 if self._take("spike", step) else 1.0
+
+    def after_checkpoint(self, path) -> None:
+        if self._take("corrupt", None):
+            target = path / "tensors.safetensors"
+            with open(target, "r+b") as f:
+                f.seek(max(0, target.stat().st_size // 2))
+                f.write(b"\xde\xad\xbe\xef" * 4)
+
+
+NO_FAULTS = Injector("", log=None)
