@@ -156,8 +156,9 @@ class SFTTrainer:
         with autocast(self.device, cfg.dtype):
             loss, n_tokens = completion_loss(self.model, batch)
         grad_norm, applied = guarded_update(self.model, self.optimizer, loss, cfg.grad_clip, injector, self.step_idx)
+        dt = time.perf_counter() - t0
         return {**row, "loss": loss.item(), "grad_norm": grad_norm, "tokens": n_tokens,
-                "tokens_per_s": batch.input_ids_BT.numel() / (time.perf_counter() - t0),
+                "tokens_per_s": batch.input_ids_BT.numel() / dt, "step_s": dt,
                 **({} if applied else {"skipped": "nonfinite"})}
 
     def state(self):

@@ -86,6 +86,12 @@ def test_killed_and_resumed_run_is_bit_identical(base, tmp_path, stage, kills):
     assert [e["exit_code"] for e in events if e["event"] == "restart"] == [-9] * len(kills)
     assert sum(e["event"] == "resume" for e in events) == len(kills)
     assert_same_run(tmp_path / "clean", tmp_path / "killed")
+    if stage == "rl":
+        report = keel("report", tmp_path / "killed")
+        assert report.returncode == 0, report.stderr
+        g = json.loads(report.stdout.strip().splitlines()[-1])
+        assert g["faults"]["restart"] == len(kills) and g["useful_steps"] == 8 and 0 < g["goodput"] < 1
+        assert g["recommended_interval_steps"] >= 1
 
 
 def _rl_cfg(**resilience):
