@@ -10,7 +10,7 @@ is part of the checkpoint, so a resumed run takes the same path as an uninterrup
 from __future__ import annotations
 
 import os
-import time
+import shutil
 from pathlib import Path
 
 from keel.config import ResilienceConfig
@@ -56,8 +56,11 @@ def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
         ckpt.save(trainer.step_idx, tensors, {"trainer": state, "spikes": spikes.history, "skip": sorted(skip)})
 
     log.event("run_start", stage=stage, pid=os.getpid())
-    if res.resume and not restore("resume"):
-        log.truncate(stage, 0)  # nothing to resume: start over cleanly
+    if not (res.resume and restore("resume")):
+        # A fresh start: forget this stage's rows and checkpoints from any earlier attempt, so a
+        # later --resume cannot pick up a stale one.
+        log.truncate(stage, 0)
+        shutil.rmtree(ckpt.folder, ignore_errors=True)
     watchdog = Watchdog(res.hang_seconds, out, log)
     rows = []
     try:

@@ -121,3 +121,9 @@ def test_sft_then_rl_write_hf_models(tmp_path, tiny_model):
     # a finished run is not overwritten by accident
     r = keel("rl", "--model", tmp_path / "sft" / "model", "--out", tmp_path / "rl", "--steps", "1")
     assert_one_line_error(r, "already exists")
+
+
+def test_usage_errors_exit_2_without_a_traceback():
+    for args in (["nosuch"], ["rl", "--bogus", "1"]):
+        r = keel(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "Error:" in r.stderr, r.stderr
