@@ -151,6 +151,30 @@ def rl_cmd(model: Path = typer.Option(..., help="HF model directory to start fro
     _train(rl, _with_resilience(cfg, resume, checkpoint_every, inject), model, out, max_restarts)
 
 
+@app.command("report")
+def report_cmd(out: Path = typer.Argument(..., help="a run folder (keel sft/rl/demo --out)"),
+               mtbf_hours: Optional[float] = typer.Option(None, help="mean time between failures; default: observed")):
+    """Goodput of a run: useful step time against time lost to faults and to checkpointing,
+    and the checkpoint interval the Young/Daly rule recommends."""
+    from keel.resilience.goodput import goodput
+    from keel.runlog import console
+
+    if not (out / "events.jsonl").is_file():
+        raise KeelError(f"{out} has no events.jsonl: pass the --out folder of a keel run")
+    g = goodput(out, mtbf_hours)
+    fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.1f}{unit}"
+    console.print(f"wall {fmt(g['wall_s'])}  useful {fmt(g['useful_s'])}  checkpointing {fmt(g['checkpoint_s'])}  "
+                  f"lost to faults {fmt(g['lost_s'])}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}")
+    console.print(f"steps: {g['useful_steps']} useful, {g['skipped_steps']} skipped; faults: {g['faults']}")
+    if g["recommended_interval_s"]:
+        source = "observed" if g["mtbf_observed"] else "given"
+        console.print(f"checkpoint every {g['recommended_interval_steps']} steps (~{g['recommended_interval_s']:.0f}s): "
+                      f"sqrt(2 x MTBF {g['mtbf_s']:.0f}s ({source}) x cost {g['checkpoint_cost_s']:.3f}s)")
+    else:
+        console.print("no interval recommendation: needs checkpoints and an MTBF (--mtbf-hours, or observed faults)")
+    typer.echo(json.dumps(g))
+
+
 @app.command("eval")
 def eval_cmd(model: Path = typer.Option(..., help="HF model directory"),
              task: str = typer.Option("arithmetic", help=TASK_HELP),
@@ -188,6 +212,8 @@ def label_cmd(ctx: typer.Context,
               all_traces: bool = typer.Option(False, "--all-traces", help="a row per distinct accepted trace"),
               threshold: Optional[float] = typer.Option(None, help="flag majority labels with agreement below this (default 0.5)"),
               fmt: Optional[str] = typer.Option(None, "--format", help="jsonl | parquet (default: by --out's suffix)"),
+              question_key: Optional[str] = typer.Option(None, help="question column (default: question)"),
+              answer_key: Optional[str] = typer.Option(None, help="reference answer column, optional per row (default: answer)"),
               temperature: Optional[float] = None, max_new_tokens: Optional[int] = None,
               batch_questions: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None):
     """Sample k traces per question; keep the verified ones, or label by majority vote (`review`: people)."""
@@ -200,7 +226,8 @@ def label_cmd(ctx: typer.Context,
 
     cfg = _stage_config(LabelConfig, recipe, k=k, task=task, task_options=_options(option) or None,
                         all_traces=all_traces or None, threshold=threshold, temperature=temperature,
-                        max_new_tokens=max_new_tokens, batch_questions=batch_questions, device=device, seed=seed)
+                        max_new_tokens=max_new_tokens, batch_questions=batch_questions, device=device, seed=seed,
+                        question_key=question_key, answer_key=answer_key)
     typer.echo(json.dumps(label_file(model, questions, out, cfg, fmt)))
 
 
@@ -235,20 +262,96 @@ def expert_iteration_cmd(model: Path = typer.Option(..., help="the (SFT) model t
                            "gain_pass@1": report["gain_pass@1"], "out": str(out)}))
 
 
+@app.command("export")
+def export_cmd(model: Path = typer.Option(..., help="HF model directory"),
+               out: Path = typer.Option(..., help="directory to write the export to (replaced)"),
+               format: str = typer.Option("onnx", "--format", help="onnx (the HF directory itself is the safetensors format)"),
+               dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16")):
+    """Export a model to ONNX with KV-cache inputs/outputs, for ONNX Runtime on any provider."""
+    from keel.export.onnx import export_onnx
+
+    if format != "onnx":
+        raise KeelError(f"unknown --format {format!r}: use onnx (the HF directory already is safetensors)")
+    meta = export_onnx(model, out, dtype)
+    typer.echo(json.dumps({"out": str(out), "dtype": dtype, "opset": meta["opset"],
+                           "check_max_abs_logit_diff": meta.get("check_max_abs_logit_diff")}))
+
+
+@app.command("parity")
+def parity_cmd(model: Path = typer.Option(..., help="HF model directory"),
+               out: Path = typer.Option(..., help="folder for parity.json (and any ONNX export it needs)"),
+               reference: str = typer.Option("torch:cpu:fp32", help="KIND:DEVICE:DTYPE, KIND torch | onnxruntime"),
+               candidate: list[str] = typer.Option(..., help="backend to check, repeatable (e.g. onnxruntime:cpu:fp32)"),
+               recipe: Optional[Path] = typer.Option(None, help="YAML with parity settings and thresholds"),
+               task: Optional[str] = typer.Option(None, help=TASK_HELP),
+               option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
+               n: Optional[int] = None, max_new_tokens: Optional[int] = None, batch: Optional[int] = None):
+    """Check that candidate backends compute what the reference does; exit 1 when a threshold fails."""
+    from keel.config import ParityConfig
+    from keel.export.parity import format_table, run_parity
+
+    cfg = _stage_config(ParityConfig, recipe, task=task, task_options=_options(option) or None, n=n,
+                        max_new_tokens=max_new_tokens, batch=batch)
+    result, fails = run_parity(model, reference, candidate, out, cfg)
+    typer.echo(format_table(result))
+    for fail in fails:
+        typer.echo(f"FAIL {fail}", err=True)
+    typer.echo(f"wrote {out / 'parity.json'}")
+    if fails:
+        sys.exit(1)
+
+
+@app.command("serve")
+def serve_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or `keel export` directory (onnxruntime)"),
+              backend: Optional[str] = typer.Option(None, help="torch | onnxruntime"),
+              device: Optional[str] = typer.Option(None, help="torch: auto | cpu | cuda | npu | xpu | mps"),
+              dtype: Optional[str] = typer.Option(None, help="torch: fp32 | bf16 | fp16"),
+              provider: Optional[str] = typer.Option(None, help="onnxruntime: cpu | cuda | cann | openvino | ..."),
+              host: Optional[str] = typer.Option(None, help="default 127.0.0.1"), port: Optional[int] = None,
+              api_key: Optional[str] = typer.Option(None, envvar="KEEL_API_KEY", help="require this bearer key"),
+              model_name: Optional[str] = None, max_batch: Optional[int] = None, max_context: Optional[int] = None,
+              recipe: Optional[Path] = typer.Option(None, help="YAML with serve settings")):
+    """Serve a model through an OpenAI-compatible API (chat, completions, streaming) with continuous batching."""
+    from keel.config import ServeConfig
+    from keel.serve.app import serve
+
+    cfg = _stage_config(ServeConfig, recipe, backend=backend, device=device, dtype=dtype, provider=provider,
+                        host=host, port=port, api_key=api_key, model_name=model_name, max_batch=max_batch,
+                        max_context=max_context)
+    serve(model, cfg)
+
+
+@app.command("chat")
+def chat_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or `keel export` directory (onnxruntime)"),
+             backend: str = typer.Option("torch", help="torch | onnxruntime"),
+             device: str = typer.Option("auto"), dtype: str = typer.Option("fp32"),
+             provider: str = typer.Option("cpu"), max_tokens: int = typer.Option(256),
+             temperature: float = typer.Option(0.7), seed: int = typer.Option(0)):
+    """Chat with a model in the terminal; tokens stream as they are sampled."""
+    from keel.chat import chat
+    from keel.rollout import SamplingParams
+    from keel.serve.backends import load_backend
+
+    SamplingParams(temperature, 1.0, max_tokens)  # bad flags fail before the model loads
+    b, tokenizer = load_backend(model, backend, device, dtype, provider)
+    chat(b, tokenizer, max_tokens=max_tokens, temperature=temperature, seed=seed)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # non-standalone click returns a typer.Exit's code
     except KeelError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # Usage errors (unknown command or option) arrive here in non-standalone mode; typer may
+        # vendor its own click, so recognise them by shape rather than by class.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(130)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)

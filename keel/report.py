@@ -46,6 +46,11 @@ def plot(rows: list[dict], keys: list[str], title: str, path: Path, smooth: int 
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a PNG atomically and free the figure."""
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

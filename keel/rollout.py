@@ -95,7 +95,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return ids_BP.to(device), mask_BP.to(device), pos_BP.to(device)
 
 
-def _sample(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def sample_next(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Pick the next token per row. Returns (tokens_B, logp_B), logp under the untruncated policy."""
     logits_BV = logits_BV.float()
     temperature = params.temperature if params.temperature > 0 else 1.0
@@ -171,7 +171,7 @@ def _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, devic
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row
     for step in range(params.max_new_tokens):
-        tok_B, logp_B = _sample(out.logits[:, -1, :], params, generator)
+        tok_B, logp_B = sample_next(out.logits[:, -1, :], params, generator)
         length_B += (~done_B).long()  # rows finished earlier keep their length
         tok_B = tok_B.masked_fill(done_B, pad_id)  # what we feed finished rows; never returned
         toks.append(tok_B)

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from keel.errors import KeelError
-from keel.rollout import Rollout, SamplingParams, _sample, completion_logprobs, generate
+from keel.rollout import Rollout, SamplingParams, sample_next, completion_logprobs, generate
 
 PAD = 0
 NO_EOS = 49  # an id we check is never produced where a test wants full-length rows
@@ -191,14 +191,14 @@ def test_sample_top_p_keeps_smallest_nucleus_and_reports_untruncated_logprob():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits_BV = probs.log().expand(4000, 4)
     for top_p, allowed in [(0.75, {0, 1}), (0.85, {0, 1, 2}), (0.3, {0})]:
-        tok_B, logp_B = _sample(logits_BV, SamplingParams(top_p=top_p), gen(0))
+        tok_B, logp_B = sample_next(logits_BV, SamplingParams(top_p=top_p), gen(0))
         assert set(tok_B.tolist()) == allowed
         torch.testing.assert_close(logp_B, probs.log()[tok_B])  # log-prob before truncation
     # Renormalised within the nucleus {0, 1}: token 0 has probability 0.5 / 0.8 = 0.625.
-    tok_B, _ = _sample(logits_BV, SamplingParams(top_p=0.75), gen(1))
+    tok_B, _ = sample_next(logits_BV, SamplingParams(top_p=0.75), gen(1))
     assert abs((tok_B == 0).float().mean().item() - 0.625) < 0.03
     # Temperature 0.5 squares and renormalises the probs; the reported log-prob uses it.
-    tok_B, logp_B = _sample(logits_BV[:2], SamplingParams(temperature=0.5), gen(2))
+    tok_B, logp_B = sample_next(logits_BV[:2], SamplingParams(temperature=0.5), gen(2))
     sq = probs**2 / (probs**2).sum()
     torch.testing.assert_close(logp_B, sq.log()[tok_B])
 

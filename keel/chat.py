@@ -1,0 +1,87 @@
+"""`keel chat`: talk to a model in the terminal, tokens streamed as they are sampled.
+
+It runs the serving engine in-process (no server): the same backends, template, sampler, stop
+rules and reasoning split as `keel serve`. Type /reset to start over, /exit (or Ctrl-D) to leave.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from keel.errors import KeelError
+from keel.rollout import SamplingParams
+from keel.serve.batching import Engine, Request
+from keel.serve.text import THINK_OPEN, TextStream, render_chat
+
+HELP = "type a message; /reset starts over, /exit leaves"
+
+
+def chat(backend, tokenizer, *, max_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0,
+         seed: int = 0, read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> int:
+    """The chat loop; returns the number of replies given. `read` raises EOFError at the end of input."""
+    from keel.models import special_ids
+
+    write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    eos, _ = special_ids(tokenizer)
+    engine = Engine(backend, eos_id=eos, max_batch=1)
+    generator = torch.Generator(device=backend.device).manual_seed(seed)
+    messages: list[dict] = []
+    replies = 0
+    write(f"{backend.name}, context {backend.max_context} tokens; {HELP}\n")
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return replies
+        if line.strip() in ("/exit", "/quit"):
+            return replies
+        if line.strip() == "/reset":
+            messages.clear()
+            write("(new conversation)\n")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            text = render_chat(tokenizer, messages)
+        except KeelError as e:
+            messages.pop()
+            write(f"error: {e}\n")
+            continue
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        budget = min(max_tokens, backend.max_context - len(ids))
+        if budget < 1:
+            messages.pop()
+            write("error: the conversation no longer fits the context; /reset to start over\n")
+            continue
+        stream = TextStream(tokenizer, in_think=text.rstrip().endswith(THINK_OPEN))
+        shown = {"reasoning": False}
+
+        def show(d_reasoning: str, d_content: str) -> None:
+            if d_reasoning:
+                if not shown["reasoning"]:
+                    write("(thinking) ")
+                    shown["reasoning"] = True
+                write(d_reasoning)
+            if d_content:
+                if shown["reasoning"] and shown["reasoning"] != "done":
+                    write("\n")
+                    shown["reasoning"] = "done"
+                write(d_content)
+
+        def on_token(req: Request, token: int) -> None:
+            d_r, d_c, _ = stream.push(req.tokens)
+            show(d_r, d_c)
+
+        req = Request(ids, SamplingParams(temperature, top_p, budget), generator, on_token=on_token)
+        engine.submit(req)
+        engine.run_until_idle()
+        d_r, d_c, _ = stream.push(req.tokens, final=True)
+        show(d_r, d_c)
+        write("\n")
+        messages.append({"role": "assistant", "content": stream.sent_content})
+        replies += 1

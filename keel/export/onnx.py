@@ -1,0 +1,123 @@
+"""Export an HF causal LM to ONNX with KV-cache inputs and outputs, for ONNX Runtime on any
+execution provider (CPU, CUDA, CANN for Ascend, OpenVINO, ...).
+
+One graph serves prefill and decode: inputs `input_ids` [B, S], `attention_mask` [B, T],
+`position_ids` [B, S] and `past.{i}.key|value` [B, H, T_past, D] (T_past = 0 at prefill); outputs
+`logits` [B, S, V] and `present.{i}.key|value` [B, H, T_past + S, D]. The traced module is
+`keel.serve.backends.KVModel`, the very function the torch backend runs.
+
+The export directory holds model.onnx (+ model.onnx.data when the weights are large), the
+tokenizer, the HF config, and keel_onnx.json: shapes, dtype, and the max |logit| difference to
+torch measured right after export on a prefill and a decode step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from keel.errors import KeelError
+from keel.serve.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
+
+OPSET = 18
+
+
+def _io_names(layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+def _example(layers, kv_heads, head_dim, dtype, B=2, S=3, P=4):
+    """Inputs of non-trivial sizes: torch.export specialises dims of size 0 and 1."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (B, S), generator=g)
+    mask = torch.ones(B, P + S, dtype=torch.long)
+    pos = torch.arange(P, P + S).repeat(B, 1)
+    past = [torch.randn(B, kv_heads, P, head_dim, generator=g).to(dtype) for _ in range(2 * layers)]
+    return ids, mask, pos, past
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", check: bool = True) -> dict:
+    """Write `out` as an ONNX export directory (atomically); returns its keel_onnx.json contents."""
+    from keel.models import load_model
+
+    torch_dtype = check_dtype(dtype)
+    model, tokenizer = load_model(model_dir)
+    model = model.to(torch_dtype).eval()
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    names_in, names_out = _io_names(layers)
+    batch, seq, total, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "total", "past"))
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+               [{0: batch, 2: past_len} for _ in range(2 * layers)])
+    example = _example(layers, kv_heads, head_dim, torch_dtype)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        # The exporter prints progress and warnings meant for its own developers; keep them off
+        # the user's terminal unless the export fails.
+        log = io.StringIO()
+        onnx_logger = logging.getLogger("torch.onnx")
+        level = onnx_logger.level
+        onnx_logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(KVModel(model), example, input_names=names_in, output_names=names_out,
+                                            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False)
+                big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
+                program.save(str(tmp / ONNX_FILE), external_data=big)
+        except Exception as e:
+            raise KeelError(f"ONNX export of {model_dir} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            f"exporter log tail: {log.getvalue()[-300:]!r}") from e
+        finally:
+            onnx_logger.setLevel(level)
+        tokenizer.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)
+        meta = {"format": "onnx", "opset": OPSET, "dtype": dtype, "layers": layers, "kv_heads": kv_heads,
+                "head_dim": head_dim, "vocab_size": model.get_input_embeddings().num_embeddings,
+                "max_context": getattr(model.config, "max_position_embeddings", None) or 2048,
+                "inputs": names_in, "outputs": names_out, "source": str(Path(model_dir).resolve())}
+        (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
+        if check and dtype != "bf16":
+            meta["check_max_abs_logit_diff"] = check_export(TorchBackend(model, "cpu", dtype), OrtBackend(tmp))
+            (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+@torch.no_grad()
+def check_export(reference, candidate, prompt_len: int = 7, seed: int = 0) -> float:
+    """Max |logit difference| between two backends over a prefill of `prompt_len` tokens and one
+    decode step on its cache (each backend feeds its own cache)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, reference.vocab_size, (1, prompt_len), generator=g)
+    mask, pos = torch.ones(1, prompt_len, dtype=torch.long), torch.arange(prompt_len)[None]
+    worst = 0.0
+    ref_logits, ref_past = reference.forward(ids, mask, pos, reference.empty_past(1))
+    can_logits, can_past = candidate.forward(ids, mask, pos, candidate.empty_past(1))
+    worst = max(worst, float((ref_logits - can_logits).abs().max()))
+    nxt = ref_logits[:, -1:].argmax(-1)
+    mask2, pos2 = torch.ones(1, prompt_len + 1, dtype=torch.long), torch.tensor([[prompt_len]])
+    ref_logits, _ = reference.forward(nxt, mask2, pos2, ref_past)
+    can_logits, _ = candidate.forward(nxt, mask2, pos2, can_past)
+    return max(worst, float((ref_logits - can_logits).abs().max()))

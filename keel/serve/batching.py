@@ -1,0 +1,300 @@
+"""Continuous batching: one decode batch that requests join and leave at every step.
+
+Each `Engine.step()`:
+1. drops cancelled rows (a client that went away frees its slot at once);
+2. admits waiting requests while there is room: each is prefilled alone (no padding inside a
+   prefill, so no pad query ever attends to nothing) and samples its first token;
+3. runs ONE decode step for every running row together and samples each row's next token;
+4. retires rows that produced a stop token or reached their token budget.
+
+The batch's KV cache is left-padded: every row's newest token sits in the last column, so a decode
+step appends one column for everyone. A newly admitted row is padded on the left with zeros (or
+the batch is, if the newcomer is longer), and columns that no row uses any more are trimmed when
+rows retire, so the cache is never wider than the longest running row.
+
+Sampling and stop rules are the rollout engine's: `keel.rollout.sample_next` with each request's own
+`SamplingParams` and seeded generator, and a row ends at EOS or one of its stop ids (kept in its
+tokens) or after `max_new_tokens`. `generate()` runs the same engine offline for a list of prompts.
+
+The engine is driven either synchronously (`run_until_idle`) or by a background thread
+(`start`/`stop`) while other threads `submit` requests; per-token callbacks run on the engine's
+thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from keel.errors import KeelError
+from keel.rollout import SamplingParams, sample_next
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion to produce. The engine fills in the outputs."""
+
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None = None   # seeded, on the backend's device; unused when greedy
+    stop_ids: Collection[int] = ()              # end the row like EOS (the stop token is kept)
+    top_k: int = 0                              # record each step's top-k token ids (parity checks)
+    on_token: Callable[["Request", int], None] | None = None  # called on the engine thread per token
+    on_done: Callable[["Request"], None] | None = None        # called once when the request ends
+    # outputs
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk: list[list[int]] = field(default_factory=list)
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    cancelled: bool = False            # set from any thread; the engine drops the row next step
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """Counters for /metrics and benchmarks."""
+
+    admitted: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0      # sum of batch sizes over decode steps (decode_rows / decode_steps = mean batch)
+    max_batch_seen: int = 0
+
+
+class Engine:
+    """Continuous batching over a `keel.serve.backends.Backend`."""
+
+    def __init__(self, backend, *, eos_id: int, max_batch: int = 16):
+        if max_batch < 1:
+            raise KeelError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend, self.eos_id, self.max_batch = backend, eos_id, max_batch
+        self.stats = EngineStats()
+        self._waiting: deque[Request] = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        # the running batch (touched by the engine thread only)
+        self._rows: list[Request] = []
+        self._cache: list[Tensor] = []
+        self._mask_BT: Tensor | None = None   # int64 [B, T], 1 at real columns
+        self._next_B: list[int] = []          # each row's last sampled token, not yet in the cache
+        self._pos_B: list[int] = []           # the position that token will take
+
+    # ------------------------------------------------------------------ submission
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request (thread-safe). Its prompt must be non-empty and in the vocabulary."""
+        if not req.prompt:
+            raise KeelError("the prompt is empty; send at least one token")
+        if min(req.prompt) < 0 or max(req.prompt) >= self.backend.vocab_size:
+            raise KeelError(f"the prompt has a token id outside [0, {self.backend.vocab_size})")
+        if len(req.prompt) + req.params.max_new_tokens > self.backend.max_context:
+            raise KeelError(f"prompt ({len(req.prompt)} tokens) + max new tokens ({req.params.max_new_tokens}) "
+                            f"exceeds the context of {self.backend.max_context} tokens")
+        with self._cv:
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> bool:
+        """Admit, decode once, retire. Returns True while requests are running or waiting."""
+        self._retire([i for i, r in enumerate(self._rows) if r.cancelled])
+        while len(self._rows) < self.max_batch:
+            with self._cv:
+                req = self._waiting.popleft() if self._waiting else None
+            if req is None:
+                break
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            self._admit(req)
+        if self._rows:
+            self._decode()
+        return bool(self._rows or self._waiting)
+
+    def _admit(self, req: Request) -> None:
+        P = len(req.prompt)
+        ids = torch.tensor([req.prompt], dtype=torch.long)
+        logits, present = self.backend.forward(ids, torch.ones(1, P, dtype=torch.long),
+                                               torch.arange(P).unsqueeze(0), self.backend.empty_past(1))
+        self.stats.admitted += 1
+        self.stats.prompt_tokens += P
+        if self._emit(req, logits[:, -1, :]):
+            return
+        T = self._mask_BT.shape[1] if self._rows else 0
+        width = max(T, P)
+        row_mask = torch.cat([torch.zeros(1, width - P, dtype=torch.long), torch.ones(1, P, dtype=torch.long)], 1)
+        present = [_pad_left(t, width - P) for t in present]
+        if self._rows:
+            self._cache = [torch.cat([_pad_left(c, width - T), p], 0) for c, p in zip(self._cache, present)]
+            self._mask_BT = torch.cat([_pad_left_2d(self._mask_BT, width - T), row_mask], 0)
+        else:
+            self._cache, self._mask_BT = present, row_mask
+        self._rows.append(req)
+        self._next_B.append(req.tokens[-1])
+        self._pos_B.append(P)
+
+    def _decode(self) -> None:
+        B = len(self._rows)
+        ids_B1 = torch.tensor(self._next_B, dtype=torch.long).unsqueeze(1)
+        pos_B1 = torch.tensor(self._pos_B, dtype=torch.long).unsqueeze(1)
+        mask_BT = torch.cat([self._mask_BT, torch.ones(B, 1, dtype=torch.long)], 1)
+        logits_B1V, self._cache = self.backend.forward(ids_B1, mask_BT, pos_B1, self._cache)
+        self._mask_BT = mask_BT
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += B
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, B)
+        finished = []
+        for i, req in enumerate(self._rows):
+            if self._emit(req, logits_B1V[i:i + 1, -1, :]):
+                finished.append(i)
+            else:
+                self._next_B[i] = req.tokens[-1]
+                self._pos_B[i] += 1
+        self._retire(finished)
+
+    def _emit(self, req: Request, logits_1V: Tensor) -> bool:
+        """Sample one token for `req`, record it, and say whether the request is now finished."""
+        tok, logp = sample_next(logits_1V, req.params, req.generator)
+        token = int(tok[0])
+        req.tokens.append(token)
+        req.logprobs.append(float(logp[0]))
+        if req.top_k:
+            req.topk.append(logits_1V[0].topk(min(req.top_k, logits_1V.shape[-1])).indices.tolist())
+        self.stats.generated_tokens += 1
+        if req.on_token is not None:
+            req.on_token(req, token)
+        if token == self.eos_id or token in req.stop_ids:
+            self._finish(req, "stop")
+        elif len(req.tokens) >= req.params.max_new_tokens:
+            self._finish(req, "length")
+        elif req.cancelled:
+            self._finish(req, "cancelled")
+        return req.done
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason, req.error = reason, error
+        self.stats.finished += 1
+        self.stats.cancelled += reason == "cancelled"
+        if req.on_done is not None:
+            req.on_done(req)
+
+    def _retire(self, rows: list[int]) -> None:
+        """Drop finished rows (already marked done) and trim the cache columns nobody uses."""
+        for i in rows:
+            if not self._rows[i].done:
+                self._finish(self._rows[i], "cancelled")
+        if not rows:
+            return
+        keep = [i for i in range(len(self._rows)) if i not in set(rows)]
+        self._rows = [self._rows[i] for i in keep]
+        self._next_B = [self._next_B[i] for i in keep]
+        self._pos_B = [self._pos_B[i] for i in keep]
+        if not keep:
+            self._cache, self._mask_BT = [], None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        mask_BT = self._mask_BT[idx]
+        first = int(mask_BT.any(0).long().argmax())  # first column some row still uses
+        self._mask_BT = mask_BT[:, first:]
+        self._cache = [c.index_select(0, idx.to(c.device))[:, :, first:] for c in self._cache]
+
+    def fail_all(self, message: str) -> None:
+        """Finish every running and waiting request with an error (the backend broke)."""
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for req in self._rows + waiting:
+            if not req.done:
+                self._finish(req, "error", message)
+        self._rows, self._next_B, self._pos_B, self._cache, self._mask_BT = [], [], [], [], None
+
+    # ------------------------------------------------------------------ driving it
+
+    def run_until_idle(self) -> None:
+        """Step until nothing runs or waits (offline use: parity, chat, tests)."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Run the engine on a background thread until `stop()`."""
+        assert self._thread is None, "engine already started"
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="keel-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._rows:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a broken backend must not hang every client forever
+                self.fail_all(f"{type(e).__name__}: {e}")
+        self.fail_all("the server is shutting down")
+
+
+def _pad_left(t: Tensor, n: int) -> Tensor:
+    """Zero columns in front of dim 2 (time) of a [B, H, T, D] cache tensor."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[2] = n
+    return torch.cat([t.new_zeros(shape), t], 2)
+
+
+def _pad_left_2d(m: Tensor, n: int) -> Tensor:
+    return m if n == 0 else torch.cat([m.new_zeros(m.shape[0], n), m], 1)
+
+
+def generate(backend, prompts: list[list[int]], params: SamplingParams, *, eos_id: int,
+             stop_ids: Collection[int] = (), seed: int = 0, max_batch: int = 64, top_k: int = 0) -> list[Request]:
+    """Complete every prompt with continuous batching; returns the finished requests in prompt
+    order. Each prompt samples from its own generator, seeded with `seed + index`."""
+    engine = Engine(backend, eos_id=eos_id, max_batch=max_batch)
+    reqs = []
+    for i, p in enumerate(prompts):
+        gen = None
+        if params.temperature > 0:
+            gen = torch.Generator(device=backend.device)
+            gen.manual_seed(seed + i)
+        reqs.append(engine.submit(Request(p, params, gen, stop_ids=stop_ids, top_k=top_k)))
+    engine.run_until_idle()
+    return reqs
