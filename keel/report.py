@@ -36,7 +36,7 @@ def plot(rows: list[dict], keys: list[str], title: str, path: Path, smooth: int 
         if not pts:
             continue
         steps, values = zip(*pts)
-        if smooth > 1 and len(values) > smooth:
+        if smooth > 1 and len(values) > 3 * smooth:  # sparse series (periodic evals) stay raw
             ax.plot(steps, values, alpha=0.25)
             ax.plot(steps, _smooth(values, smooth), label=key, color=ax.lines[-1].get_color())
         else:
