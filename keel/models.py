@@ -122,15 +122,21 @@ def save_model(model, tokenizer, out: str | Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """fsync every file of the finished folder `tmp`, then swap it in for `out`."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from keel.errors import KeelError
+from keel.models import publish
 from keel.serve.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
 
 OPSET = 18
@@ -93,13 +93,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
         if check and dtype != "bf16":
             meta["check_max_abs_logit_diff"] = check_export(TorchBackend(model, "cpu", dtype), OrtBackend(tmp))
             (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
