@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from keel.config import SFTConfig
 from keel.device import autocast, pick_device
+from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.models import render_prompt, special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
@@ -87,31 +88,18 @@ def pack(pairs, row_len: int, pad_id: int) -> Packed:
     return Packed(t(rows), t(labels), t(positions))
 
 
-class Batches:
-    """An endless, seeded stream of packed batches; `cursor` says how far it has read."""
+class Batches(Epochs):
+    """An endless, seeded stream of packed batches over (prompt, completion) pairs."""
 
     def __init__(self, pairs, batch_tokens: int, pad_id: int, seed: int):
-        self.pairs, self.batch_tokens, self.pad_id, self.seed = pairs, batch_tokens, pad_id, seed
+        super().__init__(pairs, seed)
+        self.batch_tokens, self.pad_id = batch_tokens, pad_id
         self.row_len = min(batch_tokens, max(256, max(len(p) + len(c) for p, c in pairs)))
-        self.epoch, self.cursor = 0, 0
-        self._order = self._shuffle()
-
-    def _shuffle(self):
-        order = list(range(len(self.pairs)))
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        return order
-
-    def seek(self, epoch: int, cursor: int) -> None:
-        self.epoch, self.cursor = epoch, cursor
-        self._order = self._shuffle()
 
     def next(self) -> Packed:
         chosen, tokens = [], 0
         while True:
-            if self.cursor == len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._shuffle()
-            pair = self.pairs[self._order[self.cursor]]
+            pair = self.peek()
             n = len(pair[0]) + len(pair[1])
             if chosen and tokens + n > self.batch_tokens:
                 return pack(chosen, self.row_len, self.pad_id)

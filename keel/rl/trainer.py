@@ -10,7 +10,6 @@ aggregation (all in rl/advantages.py and rl/losses.py) and DAPO's sampling rules
 from __future__ import annotations
 
 import copy
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from keel.config import EvalConfig, RLConfig
 from keel.device import autocast, make_generator, pick_device
+from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
 from keel.models import render_prompt, special_ids
@@ -61,33 +61,6 @@ def train_prompts(task, seed: int) -> list:
             n //= 2
 
 
-class PromptStream:
-    """Seeded pass over the training prompts, reshuffled each epoch."""
-
-    def __init__(self, examples, seed: int):
-        self.examples, self.seed, self.epoch, self.cursor = examples, seed, 0, 0
-        self.order = self._shuffle()
-
-    def _shuffle(self):
-        order = list(range(len(self.examples)))
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        return order
-
-    def seek(self, epoch: int, cursor: int) -> None:
-        self.epoch, self.cursor = epoch, cursor
-        self.order = self._shuffle()
-
-    def take(self, n: int):
-        out = []
-        for _ in range(n):
-            if self.cursor == len(self.order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self.order = self._shuffle()
-            out.append(self.examples[self.order[self.cursor]])
-            self.cursor += 1
-        return out
-
-
 class Trainer:
     def __init__(self, model, tokenizer, cfg: RLConfig):
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -95,7 +68,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.task = get_task(cfg.task, **cfg.task_options)
         self.eos_id, self.pad_id = special_ids(tokenizer)
-        self.prompts = PromptStream(train_prompts(self.task, cfg.seed), cfg.seed)
+        self.prompts = Epochs(train_prompts(self.task, cfg.seed), cfg.seed)
         self.generator = make_generator(self.device, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.ref = None

@@ -2,7 +2,6 @@
 alone, slots free up, and the cache never grows wider than the longest running row."""
 
 import pytest
-import torch
 
 from keel.errors import KeelError
 from keel.models import init_model, render_prompt, special_ids
