@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train reasoning LMs with RL from verifiable rewards; serve them anywhere.")
 
 TASK_HELP = "arithmetic | countdown | a .jsonl/.parquet file with question/answer columns"
+SYNC_HELP = "under torchrun: ddp (all-reduce gradients every step) | diloco (rare pseudo-gradient syncs)"
+LINK_HELP = "GBPS[,LATENCY_MS]: report how long this run's communication would take on such a link"
 OPTION_HELP = "task option KEY=VALUE, repeatable (e.g. -o digits=4, -o question_key=problem)"
 
 
@@ -37,16 +40,27 @@ def _stage_config(cls, recipe: Optional[Path], **flags):
     return override(cfg, **flags)
 
 
-def _with_resilience(cfg, resume, checkpoint_every, inject):
+def _with_run_options(cfg, resume, checkpoint_every, inject, sync, simulate_link):
     from keel.config import override
 
     changes = {"resume": resume or None, "checkpoint_every": checkpoint_every, "inject": inject}
-    return override(cfg, resilience=dataclasses.asdict(override(cfg.resilience, **changes)))
+    cfg = override(cfg, resilience=dataclasses.asdict(override(cfg.resilience, **changes)))
+    gbps = latency = None
+    if simulate_link:
+        try:
+            gbps, _, latency = simulate_link.partition(",")
+            gbps, latency = float(gbps), float(latency or 0)
+        except ValueError:
+            raise KeelError(f"--simulate-link {simulate_link!r}: write GBPS[,LATENCY_MS], e.g. 1,5") from None
+    dist = override(cfg.distributed, sync=sync, link_gbps=gbps, link_latency_ms=latency)
+    return override(cfg, distributed=dataclasses.asdict(dist))
 
 
 def _train(train, cfg, model: Path, out: Path, max_restarts: int) -> None:
     """Load `model`, run a training stage on it, write OUT/model; a finished run is never overwritten.
-    With `max_restarts`, the stage runs in a child process that is restarted (resuming) when it dies."""
+    With `max_restarts`, the stage runs in a child process that is restarted (resuming) when it dies.
+    Under torchrun every rank trains and rank 0 writes the model."""
+    from keel.distributed import shutdown
     from keel.models import load_model, save_model
 
     if max_restarts:
@@ -56,9 +70,13 @@ def _train(train, cfg, model: Path, out: Path, max_restarts: int) -> None:
     if (out / "model").exists() and any((out / "model").iterdir()):
         raise KeelError(f"{out}/model already exists: pass a new --out, or delete it to train again")
     m, tokenizer = load_model(model)
-    train(m, tokenizer, cfg, out)
-    save_model(m, tokenizer, out / "model")
-    typer.echo(f"wrote {out / 'model'}")
+    try:
+        train(m, tokenizer, cfg, out)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_model(m, tokenizer, out / "model")
+        typer.echo(f"wrote {out / 'model'}")
 
 
 @app.command()
@@ -118,6 +136,8 @@ def sft_cmd(model: Path = typer.Option(..., help="HF model directory to start fr
             checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
             max_restarts: int = typer.Option(0, help="restart the run in place this many times if it dies"),
             inject: Optional[str] = typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)"),
+            sync: Optional[str] = typer.Option(None, help=SYNC_HELP),
+            simulate_link: Optional[str] = typer.Option(None, help=LINK_HELP),
 ):
     """Cold-start supervised training on reasoning traces (loss on completions only)."""
     from keel.config import SFTConfig
@@ -125,7 +145,7 @@ def sft_cmd(model: Path = typer.Option(..., help="HF model directory to start fr
 
     cfg = _stage_config(SFTConfig, recipe, task=task, task_options=_options(option) or None,
                         steps=steps, device=device, seed=seed)
-    _train(sft, _with_resilience(cfg, resume, checkpoint_every, inject), model, out, max_restarts)
+    _train(sft, _with_run_options(cfg, resume, checkpoint_every, inject, sync, simulate_link), model, out, max_restarts)
 
 
 @app.command("rl")
@@ -141,6 +161,8 @@ def rl_cmd(model: Path = typer.Option(..., help="HF model directory to start fro
            checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
            max_restarts: int = typer.Option(0, help="restart the run in place this many times if it dies"),
            inject: Optional[str] = typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)"),
+           sync: Optional[str] = typer.Option(None, help=SYNC_HELP),
+           simulate_link: Optional[str] = typer.Option(None, help=LINK_HELP),
 ):
     """RL from verifiable rewards with the GRPO family."""
     from keel.config import RLConfig
@@ -148,7 +170,7 @@ def rl_cmd(model: Path = typer.Option(..., help="HF model directory to start fro
 
     cfg = _stage_config(RLConfig, recipe, task=task, task_options=_options(option) or None, loss=loss,
                         steps=steps, group_size=group_size, device=device, seed=seed)
-    _train(rl, _with_resilience(cfg, resume, checkpoint_every, inject), model, out, max_restarts)
+    _train(rl, _with_run_options(cfg, resume, checkpoint_every, inject, sync, simulate_link), model, out, max_restarts)
 
 
 @app.command("report")
@@ -166,6 +188,10 @@ def report_cmd(out: Path = typer.Argument(..., help="a run folder (keel sft/rl/d
     console.print(f"wall {fmt(g['wall_s'])}  useful {fmt(g['useful_s'])}  checkpointing {fmt(g['checkpoint_s'])}  "
                   f"lost to faults {fmt(g['lost_s'])}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}")
     console.print(f"steps: {g['useful_steps']} useful, {g['skipped_steps']} skipped; faults: {g['faults']}")
+    if g["comm_bytes"]:
+        console.print(f"communication: {g['comm_bytes'] / 1e6:.1f} MB sent by rank 0, {fmt(g['comm_s'])} in collectives"
+                      + (f"; on the simulated link the run would take {fmt(g['simulated_wall_s'])}"
+                         if g["simulated_wall_s"] is not None else ""))
     if g["recommended_interval_s"]:
         source = "observed" if g["mtbf_observed"] else "given"
         console.print(f"checkpoint every {g['recommended_interval_steps']} steps (~{g['recommended_interval_s']:.0f}s): "

@@ -55,6 +55,31 @@ class ResilienceConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How ranks under torchrun keep their weights in step; ignored in a single process.
+
+    ddp: gradients all-reduced every step (every rank holds the same weights).
+    diloco: each rank takes `inner_steps` local optimizer steps, then the pseudo-gradients
+    (global minus local weights) are averaged and applied by an outer Nesterov SGD (Douillard et
+    al., 2023): about `inner_steps` times fewer bytes on the wire."""
+    sync: str = "ddp"                # ddp | diloco
+    inner_steps: int = 16            # diloco: local steps between synchronisations (H)
+    outer_lr: float = 0.7            # diloco: outer SGD learning rate (published value)
+    outer_momentum: float = 0.9      # diloco: outer Nesterov momentum (0: plain SGD)
+    compress: str = "none"           # diloco pseudo-gradients on the wire: none (fp32) | bf16 | int8 (per-tensor scale)
+    link_gbps: float = 0.0           # simulate a link of this many Gbit/s per rank: adds the time the bytes would take (0: off)
+    link_latency_ms: float = 0.0     # and this latency per collective
+
+    def __post_init__(self):
+        _require(self.sync in ("ddp", "diloco"), f"distributed: unknown sync {self.sync!r}: use ddp or diloco")
+        _require(self.inner_steps >= 1, "distributed: inner_steps must be >= 1")
+        _require(self.outer_lr > 0 and 0 <= self.outer_momentum < 1,
+                 "distributed: outer_lr must be > 0 and outer_momentum in [0, 1)")
+        _require(self.compress in ("none", "bf16", "int8"), f"distributed: unknown compress {self.compress!r}: use none, bf16 or int8")
+        _require(self.link_gbps >= 0 and self.link_latency_ms >= 0, "distributed: link_gbps and link_latency_ms must be >= 0")
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """Cold-start supervised training on reasoning traces, loss on the completion only."""
     task: str = "arithmetic"     # task name or a .jsonl/.parquet file with question/answer/trace
@@ -62,7 +87,7 @@ class SFTConfig:
     examples: int = 1000         # training traces drawn from the task's train split
     drop_thinking: float = 0.0   # fraction of traces reduced to the bare answer (mixed-quality data)
     steps: int = 300             # optimizer steps
-    batch_tokens: int = 4096     # tokens per packed batch (sequences are packed, no padding)
+    batch_tokens: int = 4096     # tokens per packed batch (no padding), over all ranks: each packs its share
     lr: float = 3e-3             # peak AdamW learning rate
     warmup: int = 20             # linear warm-up steps, then cosine decay to 10%
     weight_decay: float = 0.0
@@ -71,6 +96,7 @@ class SFTConfig:
     device: str = "auto"         # auto | cpu | cuda | npu | xpu | mps
     dtype: str = "auto"          # auto (bf16 where the device has it, else fp32) | fp32 | bf16 | fp16
     resilience: ResilienceConfig = ResilienceConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         _require(self.examples >= 1 and self.steps >= 1, "sft: examples and steps must be >= 1")
@@ -86,7 +112,7 @@ class RLConfig:
     task_options: dict = field(default_factory=dict)
     loss: str = "grpo"           # grpo | dr_grpo | dapo | gspo
     steps: int = 60              # rollout batches
-    prompts_per_step: int = 8    # distinct prompts per rollout batch
+    prompts_per_step: int = 8    # distinct prompts per rollout batch, over all ranks: each samples its share
     group_size: int = 8          # samples per prompt; advantages compare within a group
     updates_per_batch: int = 1   # optimizer steps on each rollout batch (old log-probs kept)
     lr: float = 2e-4
@@ -109,6 +135,7 @@ class RLConfig:
     device: str = "auto"
     dtype: str = "auto"
     resilience: ResilienceConfig = ResilienceConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         _require(self.loss in LOSSES, f"rl: unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -16,10 +17,11 @@ from keel.errors import KeelError
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` -> the current accelerator if one is usable, else cpu. Any explicit torch device
-    string (cpu, cuda:1, npu, xpu, mps) is checked and returned."""
+    string (cpu, cuda:1, npu, xpu, mps) is checked and returned. Under torchrun an accelerator
+    without an index is this process's local one (LOCAL_RANK)."""
     if name == "auto":
         acc = torch.accelerator.current_accelerator(check_available=True)
-        return torch.device(acc) if acc is not None else torch.device("cpu")
+        return _local(torch.device(acc)) if acc is not None else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -29,7 +31,19 @@ def pick_device(name: str = "auto") -> torch.device:
         if acc is None or acc.type != device.type:
             have = acc.type if acc is not None else "none"
             raise KeelError(f"device {name!r} is not available here (accelerator: {have}); use --device auto")
-    return device
+    return _local(device)
+
+
+def _local(device: torch.device) -> torch.device:
+    if device.type == "cpu" or device.index is not None or "LOCAL_RANK" not in os.environ:
+        return device
+    return torch.device(device.type, int(os.environ["LOCAL_RANK"]))
+
+
+def comm_backend(device: torch.device) -> str:
+    """The torch.distributed backend for this device family: gloo on CPU, nccl on CUDA, hccl on
+    Ascend (registered by torch_npu), xccl on XPU; whatever torch knows for the rest."""
+    return torch.distributed.Backend.default_device_backend_map.get(device.type, "gloo")
 
 
 def supports_bf16(device: torch.device) -> bool:

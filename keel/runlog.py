@@ -74,10 +74,14 @@ _live: Progress | None = None  # rich allows one live display: nested bars join 
 
 
 @contextmanager
-def progress(description: str, total: int):
+def progress(description: str, total: int, enabled: bool = True):
     """A progress bar; yields `advance(n=1, **fields)` where fields show up beside the bar. Off a
-    terminal (CI, nohup, a pipe) it prints a plain line every tenth of the way instead."""
+    terminal (CI, nohup, a pipe) it prints a plain line every tenth of the way instead. Not
+    `enabled` (ranks other than 0), it shows nothing."""
     global _live
+    if not enabled:
+        yield lambda n=1, **fields: None
+        return
     tty = console.is_terminal
     outer = _live is None
     if outer:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from keel.config import SFTConfig
 from keel.device import autocast, pick_device
+from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.models import render_prompt, special_ids
@@ -117,35 +118,45 @@ def completion_loss(model, batch: Packed) -> tuple[torch.Tensor, int]:
 
 
 class SFTTrainer:
-    """One packed batch per step; state() holds everything needed to continue exactly."""
+    """One packed batch per step; state() holds everything needed to continue exactly.
+    Under torchrun each rank trains on its own shard of the traces, `batch_tokens / ranks` per step."""
 
     def __init__(self, model, tokenizer, cfg: SFTConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device).train()
+        self.sync = make_sync(cfg.distributed, self.model, self.device)
+        rank, ranks = self.sync.world.rank, self.sync.world.size
         task = get_task(cfg.task, **cfg.task_options)
         examples = drop_thinking(task.examples("train", cfg.examples, seed=cfg.seed), cfg.drop_thinking, cfg.seed)
         _, pad_id = special_ids(tokenizer)
-        self.batches = Batches(encode_traces(tokenizer, examples), cfg.batch_tokens, pad_id, cfg.seed)
+        pairs = encode_traces(tokenizer, examples)[rank::ranks]
+        if not pairs or cfg.batch_tokens // ranks < 16:
+            raise KeelError(f"sft: {ranks} ranks need at least {ranks} traces and batch_tokens >= {16 * ranks}")
+        self.batches = Batches(pairs, cfg.batch_tokens // ranks, pad_id, cfg.seed)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.step_idx = 0
 
     def step(self, injector=NO_FAULTS, apply: bool = True) -> dict:
         cfg = self.cfg
-        t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, "cosine")
         set_lr(self.optimizer, lr)
         batch = self.batches.next()
-        batch = Packed(*(x.to(self.device) for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
         self.step_idx += 1
         row = {"stage": "sft", "step": self.step_idx, "lr": lr, "epoch": self.batches.epoch}
-        if not apply:
-            return row
-        with autocast(self.device, cfg.dtype):
+        return {**row, **self.update(batch, injector)} if apply else row
+
+    def update(self, batch: Packed, injector=NO_FAULTS) -> dict:
+        """One optimizer step on `batch` (this rank's part of the global batch)."""
+        t0 = time.perf_counter()
+        batch = Packed(*(x.to(self.device) for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
+        with autocast(self.device, self.cfg.dtype):
             loss, n_tokens = completion_loss(self.model, batch)
-        grad_norm, applied = guarded_update(self.model, self.optimizer, loss, cfg.grad_clip, injector, self.step_idx)
+        weighted = loss * self.sync.share(n_tokens)  # the mean over every rank's tokens, not of rank means
+        grad_norm, applied = guarded_update(self.model, self.optimizer, weighted, self.cfg.grad_clip, injector,
+                                            self.step_idx, self.sync)
         dt = time.perf_counter() - t0
-        return {**row, "loss": loss.item(), "grad_norm": grad_norm, "tokens": n_tokens,
+        return {"loss": loss.item(), "grad_norm": grad_norm, "tokens": n_tokens,
                 "tokens_per_s": batch.input_ids_BT.numel() / dt, "step_s": dt,
                 **({} if applied else {"skipped": "nonfinite"})}
 
@@ -153,7 +164,7 @@ class SFTTrainer:
         opt_tensors, opt_meta = optimizer_state(self.optimizer)
         rng_tensors, rng_meta = rng_state()
         tensors = {"model": model_state(self.model), "optimizer": opt_tensors, "rng": rng_tensors}
-        return tensors, {"step": self.step_idx, "epoch": self.batches.epoch, "cursor": self.batches.cursor,
+        return tensors, {"step": self.step_idx, "data": {"epoch": self.batches.epoch, "cursor": self.batches.cursor},
                          "optimizer": opt_meta, "rng": rng_meta}
 
     def load_state(self, tensors, state) -> None:
@@ -161,7 +172,7 @@ class SFTTrainer:
         load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
         set_rng_state(tensors["rng"], state["rng"])
         self.step_idx = state["step"]
-        self.batches.seek(state["epoch"], state["cursor"])
+        self.batches.seek(state["data"]["epoch"], state["data"]["cursor"])
 
 
 def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> list[dict]:

@@ -148,12 +148,17 @@ class Checkpointer:
             self._thread.join()
             self._thread = None
 
-    def latest(self):
-        """(tensors, state) of the newest checkpoint that verifies, or None. Bad ones are logged."""
+    def latest_path(self) -> Path | None:
+        """The newest checkpoint that verifies, or None. Bad ones are logged."""
         self.wait()
         for path in listing(self.folder):
             problem = verify(path)
             if problem is None:
-                return read(path)
+                return path
             self.log.event("corrupt_checkpoint", path=str(path), problem=problem)
         return None
+
+    def latest(self):
+        """(tensors, state) of the newest checkpoint that verifies, or None."""
+        path = self.latest_path()
+        return None if path is None else read(path)

@@ -1,7 +1,8 @@
 """Fault injection through the real code paths: `kill@step=7,nan_grad@step=3,corrupt@latest,hang@step=9`.
 
 Each fault fires once per run folder: firing is recorded in events.jsonl before the fault acts,
-so a restarted run does not kill itself again at the same step.
+so a restarted run does not kill itself again at the same step. Under torchrun a fault acts on
+every rank unless it names one: `kill@step=7@rank=1` kills rank 1 only.
 
   kill@step=N      SIGKILL this process in the middle of step N (after backward, before the update)
   nan_grad@step=N  fill the gradients of step N with NaN
@@ -28,10 +29,12 @@ KINDS = ("kill", "nan_grad", "spike", "hang", "corrupt")
 class Fault:
     kind: str
     step: int | None  # None: "latest" (the next checkpoint)
+    rank: int | None = None  # None: every rank
 
     @property
     def key(self) -> str:
-        return f"{self.kind}@{'latest' if self.step is None else f'step={self.step}'}"
+        where = "latest" if self.step is None else f"step={self.step}"
+        return f"{self.kind}@{where}" + ("" if self.rank is None else f"@rank={self.rank}")
 
 
 def parse(spec: str) -> list[Fault]:
@@ -40,22 +43,26 @@ def parse(spec: str) -> list[Fault]:
         kind, _, where = item.partition("@")
         if kind not in KINDS:
             raise KeelError(f"unknown fault {kind!r} in {spec!r}: use {', '.join(KINDS)}")
+        where, _, rank = where.partition("@")
+        if rank and not (rank.startswith("rank=") and rank[5:].isdigit()):
+            raise KeelError(f"fault {item!r}: name a rank as {kind}@{where}@rank=R")
+        rank = int(rank[5:]) if rank else None
         if kind == "corrupt" and where == "latest":
-            faults.append(Fault(kind, None))
+            faults.append(Fault(kind, None, rank))
             continue
         key, _, value = where.partition("=")
         if key != "step" or not value.isdigit():
             raise KeelError(f"fault {item!r} must look like {kind}@step=N" + (" or corrupt@latest" if kind == "corrupt" else ""))
-        faults.append(Fault(kind, int(value)))
+        faults.append(Fault(kind, int(value), rank))
     return faults
 
 
 class Injector:
-    """Holds the faults still to fire; the training loop asks it at the points where faults act."""
+    """Holds this rank's faults still to fire; the training loop asks it at the points where faults act."""
 
-    def __init__(self, spec: str, log, fired: set[str] = frozenset()):
+    def __init__(self, spec: str, log, fired: set[str] = frozenset(), rank: int = 0):
         self.log = log
-        self.pending = [f for f in parse(spec) if f.key not in fired]
+        self.pending = [f for f in parse(spec) if f.key not in fired and f.rank in (None, rank)]
 
     def _take(self, kind: str, step: int | None) -> bool:
         for f in self.pending:

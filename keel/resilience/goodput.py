@@ -4,6 +4,10 @@ Useful time is the step time of the steps that survived into metrics.jsonl; chec
 time the loop was blocked writing checkpoints; the rest of the wall time was lost to faults
 (recomputed steps, restarts, start-up). The recommended interval is the Young/Daly optimum
 sqrt(2 * MTBF * C), with C the measured blocking cost of one checkpoint.
+
+Distributed runs add what rank 0 sent (`comm_bytes`), the time it spent in collectives, and with
+a simulated link (`--simulate-link`) the wall time the run would have taken on it: measured wall
+time, minus the time in collectives here, plus the time those bytes take on the simulated link.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
     cost = sum(blocking) / len(blocking) if blocking else None
     step_s = useful / max(1, sum(1 for r in rows if r.get("step_s")))
     interval_s = math.sqrt(2 * mtbf_s * cost) if mtbf_s and cost else None
+    comm_s = sum(r.get("comm_s") or 0.0 for r in rows)
+    link_s = sum(r.get("link_s") or 0.0 for r in rows) if any("link_s" in r for r in rows) else None
     return {
+        "comm_bytes": sum(r.get("comm_bytes") or 0 for r in rows), "comm_s": comm_s,
+        "simulated_wall_s": None if link_s is None else wall - comm_s + link_s,
         "wall_s": wall, "useful_s": useful, "checkpoint_s": checkpointing,
         "lost_s": max(0.0, wall - useful - checkpointing),
         "goodput": useful / wall if wall else None,

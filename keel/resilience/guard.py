@@ -12,12 +12,16 @@ from pathlib import Path
 import torch
 
 
-def guarded_update(model, optimizer, loss: torch.Tensor, grad_clip: float, injector, step: int) -> tuple[float, bool]:
-    """backward, clip, and step unless the loss or the gradient is non-finite (then the update is
-    skipped and the gradients dropped). Returns (grad_norm, applied)."""
+def guarded_update(model, optimizer, loss: torch.Tensor, grad_clip: float, injector, step: int,
+                   sync) -> tuple[float, bool]:
+    """backward, average the gradients over ranks (`sync.grads`: DDP), clip, and step unless the
+    loss or the gradient is non-finite (then the update is skipped and the gradients dropped).
+    A non-finite gradient on one rank reaches every rank through the average, so all ranks skip
+    together. Returns (grad_norm, applied)."""
     optimizer.zero_grad(set_to_none=True)
     (loss * injector.loss_scale(step)).backward()
     injector.before_update(step, model)
+    sync.grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)

@@ -13,8 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from keel.config import ResilienceConfig
-from keel.resilience.checkpoint import Checkpointer
+from keel.distributed.ranks import gather_state, rank_state
+from keel.distributed.world import elastic_restart
+from keel.resilience.checkpoint import Checkpointer, read
 from keel.resilience.faults import Injector
 from keel.resilience.guard import SpikeDetector, Watchdog
 from keel.runlog import RunLog, progress, read_jsonl
@@ -29,21 +33,30 @@ def fired_faults(out: Path) -> set[str]:
 
 
 def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str, after_step=None) -> list[dict]:
+    """Train until `trainer.step_idx == total`. Under torchrun every rank runs this loop; rank 0
+    writes the metrics, the checkpoints (with every rank's own state gathered in) and the progress
+    bar, and runs `after_step` (evaluation); rank r keeps its events in OUT/rank<r>/."""
     out = Path(out)
-    log = RunLog(out)
+    sync = trainer.sync
+    world = sync.world
+    log = RunLog(out if world.main else out / f"rank{world.rank}")
     ckpt = Checkpointer(out / "checkpoints", log, res.checkpoint_every, res.checkpoint_seconds, res.keep,
                         res.async_checkpoint)
-    injector = Injector(res.inject or os.environ.get("KEEL_FAULTS", ""), log, fired_faults(out))
+    injector = Injector(res.inject or os.environ.get("KEEL_FAULTS", ""), log, fired_faults(log.out), world.rank)
     ckpt.on_saved = injector.after_checkpoint
     spikes = SpikeDetector(res.spike_zscore, res.spike_window)
     skip: set[int] = set()
 
     def restore(reason: str) -> bool:
-        found = ckpt.latest()
-        if found is None:
+        # Rank 0 picks the checkpoint (it may have one still being written), the others follow.
+        found = ckpt.latest_path() if world.main else None
+        step = int(sync.comm.broadcast(torch.tensor([-1 if found is None else int(found.name)]), "control").item())
+        if step < 0:
             return False
-        tensors, state = found
-        trainer.load_state(tensors, state["trainer"])
+        tensors, state = read(ckpt.folder / f"{step:08d}")
+        tensors, meta = rank_state(tensors, state["trainer"], sync.rank_local, world.rank, world.size)
+        trainer.load_state(tensors, meta)
+        sync.load_state(tensors.get("sync", {}), meta.get("sync", {}))
         spikes.history = state["spikes"]
         skip.clear()
         skip.update(state["skip"])
@@ -52,19 +65,27 @@ def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
         return True
 
     def save() -> None:
-        tensors, state = trainer.state()
-        ckpt.save(trainer.step_idx, tensors, {"trainer": state, "spikes": spikes.history, "skip": sorted(skip)})
+        tensors, meta = trainer.state()
+        sync_tensors, sync_meta = sync.state()
+        gathered = gather_state({**tensors, "sync": sync_tensors}, {**meta, "sync": sync_meta},
+                                sync.rank_local, sync.comm)
+        if gathered is not None:
+            tensors, meta = gathered
+            ckpt.save(trainer.step_idx, tensors, {"trainer": meta, "spikes": spikes.history, "skip": sorted(skip)})
 
-    log.event("run_start", stage=stage, pid=os.getpid())
-    if not (res.resume and restore("resume")):
+    log.event("run_start", stage=stage, pid=os.getpid(), rank=world.rank, world_size=world.size)
+    if not ((res.resume or elastic_restart()) and restore("resume")):
         # A fresh start: forget this stage's rows and checkpoints from any earlier attempt, so a
         # later --resume cannot pick up a stale one.
         log.truncate(stage, 0)
-        shutil.rmtree(ckpt.folder, ignore_errors=True)
-    watchdog = Watchdog(res.hang_seconds, out, log)
+        if world.main:
+            shutil.rmtree(ckpt.folder, ignore_errors=True)
+        sync.comm.barrier()
+    sync.comm.take_step()  # start-up traffic (the weight broadcast, the resume choice) is no step's
+    watchdog = Watchdog(res.hang_seconds, log.out, log)
     rows = []
     try:
-        with progress(stage, total) as advance:
+        with progress(stage, total, enabled=world.main) as advance:
             advance(trainer.step_idx)
             while trainer.step_idx < total:
                 step = trainer.step_idx + 1
@@ -73,6 +94,7 @@ def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
                     row["skipped"] = "spike"
                 else:
                     row = trainer.step(injector)
+                row = sync.finish(row, trainer.step_idx, final=trainer.step_idx == total)
                 watchdog.beat()
                 if step not in skip:
                     problem = spikes.is_spike(row)
@@ -83,14 +105,18 @@ def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
                             advance(trainer.step_idx - step)
                             continue
                     spikes.accept(row)
-                if after_step:
+                if after_step and world.main:
                     after_step(row)
                 if row.get("skipped"):
                     log.event("skip", stage=stage, step=step, reason=row["skipped"])
-                log.metrics(row)
+                if world.main:
+                    log.metrics(row)
                 rows.append(row)
                 advance(**{k: row[k] for k in ("loss", "reward") if isinstance(row.get(k), float)})
-                if ckpt.due(trainer.step_idx) and trainer.step_idx < total:
+                due = ckpt.due(trainer.step_idx)
+                if res.checkpoint_seconds:  # a time-based checkpoint is due when rank 0's clock says so
+                    due = sync.agree(due)
+                if due and trainer.step_idx < total:
                     save()
             if ckpt.due(trainer.step_idx, final=True):
                 save()

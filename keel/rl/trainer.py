@@ -18,6 +18,7 @@ import torch
 
 from keel.config import EvalConfig, RLConfig
 from keel.device import autocast, make_generator, pick_device
+from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
@@ -34,6 +35,7 @@ from keel.resilience.state import (load_model_state, load_optimizer_state, model
 from keel.tasks import get_task
 
 TRAIN_POOL = 4096  # distinct training prompts drawn from a generated task
+RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride: its own stream, rank 0's as in one process
 
 
 @dataclass
@@ -62,14 +64,23 @@ def train_prompts(task, seed: int) -> list:
 
 
 class Trainer:
+    """Under torchrun each rank samples `prompts_per_step / ranks` prompts per step from its own
+    shard of the prompt pool, with its own sampling seed."""
+
     def __init__(self, model, tokenizer, cfg: RLConfig):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
+        self.sync = make_sync(cfg.distributed, self.model, self.device)
+        rank, ranks = self.sync.world.rank, self.sync.world.size
+        if cfg.prompts_per_step % ranks:
+            raise KeelError(f"rl: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number "
+                            f"of ranks ({ranks})")
+        self.prompts_per_rank = cfg.prompts_per_step // ranks
         self.task = get_task(cfg.task, **cfg.task_options)
         self.eos_id, self.pad_id = special_ids(tokenizer)
-        self.prompts = Epochs(train_prompts(self.task, cfg.seed), cfg.seed)
-        self.generator = make_generator(self.device, cfg.seed)
+        self.prompts = Epochs(train_prompts(self.task, cfg.seed)[rank::ranks], cfg.seed)
+        self.generator = make_generator(self.device, cfg.seed + RANK_SEED_STRIDE * rank)
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.ref = None
         if cfg.beta > 0:  # the frozen initial policy for the KL term
@@ -102,20 +113,21 @@ class Trainer:
         return Batch(prompts, out.tokens, rewards, correct, fmt, torch.tensor(out.finished), len(prompts))
 
     def collect(self) -> Batch:
-        """A batch of `prompts_per_step` groups. With dynamic sampling, groups whose rewards are all
-        equal (no learning signal) are dropped and more prompts are drawn, up to `max_refills` rounds."""
-        cfg, G = self.cfg, self.cfg.group_size
+        """This rank's batch of `prompts_per_rank` groups. With dynamic sampling, groups whose rewards
+        are all equal (no learning signal) are dropped and more prompts are drawn, up to
+        `max_refills` rounds."""
+        cfg, G, n = self.cfg, self.cfg.group_size, self.prompts_per_rank
         if not self.dynamic:
-            return self._rollout(self.prompts.take(cfg.prompts_per_step))
+            return self._rollout(self.prompts.take(n))
         kept, sampled = [], 0
         for _ in range(cfg.max_refills + 1):
-            batch = self._rollout(self.prompts.take(cfg.prompts_per_step))
+            batch = self._rollout(self.prompts.take(n))
             sampled += batch.sampled
             keep = groups_with_signal(batch.rewards_B, G)
             kept += [(batch, g) for g in range(len(keep)) if keep[g]]
-            if len(kept) >= cfg.prompts_per_step:
+            if len(kept) >= n:
                 break
-        rows = [(b, i) for b, g in kept[:cfg.prompts_per_step] for i in range(g * G, (g + 1) * G)]
+        rows = [(b, i) for b, g in kept[:n] for i in range(g * G, (g + 1) * G)]
         pick = lambda name: [getattr(b, name)[i] for b, i in rows]
         stack = lambda name: torch.stack(pick(name)) if rows else torch.zeros(0)
         return Batch(pick("prompts"), pick("completions"), stack("rewards_B"), stack("correct_B"),
@@ -133,12 +145,26 @@ class Trainer:
         lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, cfg.lr_schedule)
         set_lr(self.optimizer, lr)
         batch = self.collect()
-        t_rollout = time.perf_counter() - t0
         row = {"stage": "rl", "step": self.step_idx + 1, "lr": lr, "sampled": batch.sampled,
-               "groups": len(batch.completions) // cfg.group_size}
-        if not apply or not batch.completions:  # a skipped batch, or no group with signal
+               "groups": len(batch.completions) // cfg.group_size, "rollout_s": time.perf_counter() - t0}
+        # A batch without a group with signal (dynamic sampling) is skipped when every rank's is.
+        if not apply or not self.sync.any(bool(batch.completions)):
             self.step_idx += 1
             return {**row, "skipped": "no_signal"} if apply else row
+        row.update(self.update(batch, injector))
+        row["step_s"] = time.perf_counter() - t0
+        row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
+        self.step_idx += 1
+        return row
+
+    def update(self, batch: Batch, injector=NO_FAULTS) -> dict:
+        """`updates_per_batch` optimizer steps on this rank's `batch`; returns its metrics."""
+        cfg = self.cfg
+        if not batch.completions:  # other ranks have data: take part in their gradient average with zeros
+            zero = sum(p.sum() for p in self.sync.params) * 0.0
+            grad_norm, _ = guarded_update(self.model, self.optimizer, zero, cfg.grad_clip, injector,
+                                          self.step_idx + 1, self.sync)
+            return {"grad_norm": grad_norm, "tokens": 0}
         adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=cfg.loss != "dr_grpo")
         adv_B = adv_B.to(self.device)
         self.model.train()
@@ -155,24 +181,24 @@ class Trainer:
             loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv_B, mask,
                                       kind=cfg.loss, eps_low=self.eps_low, eps_high=self.eps_high,
                                       norm_len=cfg.max_new_tokens, ref_logp_BT=ref_logp, beta=cfg.beta)
-            grad_norm, applied = guarded_update(self.model, self.optimizer, loss, cfg.grad_clip, injector,
-                                                self.step_idx + 1)
+            # Weighted so that the ranks' averaged gradient is that of the loss over all their
+            # sequences (or tokens, for DAPO's token-level mean).
+            units = mask.sum().item() if cfg.loss == "dapo" else len(batch.completions)
+            grad_norm, applied = guarded_update(self.model, self.optimizer, loss * self.sync.share(units),
+                                                cfg.grad_clip, injector, self.step_idx + 1, self.sync)
             skipped += not applied
         self.model.eval()
-        dt = time.perf_counter() - t0
         n_tokens = int(mask.sum().item())
-        lengths = mask.sum(1)
-        row.update({
+        row = {
             "loss": loss.item(), "reward": batch.rewards_B.mean().item(),
             "reward_correct": batch.correct_B.mean().item(), "reward_format": batch.format_B.mean().item(),
-            "accuracy": batch.correct_B.mean().item(), "response_length": lengths.float().mean().item(),
+            "accuracy": batch.correct_B.mean().item(), "response_length": mask.sum(1).float().mean().item(),
             "truncated": 1 - batch.finished_B.float().mean().item(),
             "clip_frac": stats["clip_frac"], "kl": stats["kl"], "entropy": (entropy * mask).sum().item() / max(1, n_tokens),
-            "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt, "rollout_s": t_rollout, "step_s": dt,
-        })
+            "grad_norm": grad_norm, "tokens": n_tokens,
+        }
         if skipped:  # counted per update; the row says the step lost at least one
             row["skipped"] = "nonfinite"
-        self.step_idx += 1
         return row
 
     def evaluate_every(self, row: dict, eval_cfg: EvalConfig | None) -> None:
@@ -191,7 +217,7 @@ class Trainer:
                    "rng": {**rng_tensors, "sampler": self.generator.get_state()}}
         if self.ref is not None:
             tensors["ref"] = model_state(self.ref)
-        return tensors, {"step": self.step_idx, "epoch": self.prompts.epoch, "cursor": self.prompts.cursor,
+        return tensors, {"step": self.step_idx, "data": {"epoch": self.prompts.epoch, "cursor": self.prompts.cursor},
                          "optimizer": opt_meta, "rng": rng_meta}
 
     def load_state(self, tensors, state) -> None:
@@ -202,7 +228,7 @@ class Trainer:
         set_rng_state(tensors["rng"], state["rng"])
         self.generator.set_state(tensors["rng"]["sampler"])
         self.step_idx = state["step"]
-        self.prompts.seek(state["epoch"], state["cursor"])
+        self.prompts.seek(state["data"]["epoch"], state["data"]["cursor"])
 
 
 def rl(model, tokenizer, cfg: RLConfig, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:

@@ -1,0 +1,243 @@
+"""Data parallel and DiLoCo: two real gloo processes under torchrun, compared with one process.
+
+One torchrun launch (module fixture) runs tests/distributed/worker.py, which trains fresh tiny
+models on fixed batches under each sync mode; the tests compare what every rank ended with
+against single-process training here, and the byte counters against the tensors' sizes. The
+CLI tests kill a rank of a real `torchrun -m keel rl` run and check that torchrun's restart
+resumes it to the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from keel.config import DistributedConfig
+from keel.distributed import Comm, DiLoCo, Sync, World
+from keel.distributed.ranks import gather_state, rank_state
+from keel.errors import KeelError
+from keel.resilience.faults import Fault, parse
+from tests.distributed import worker
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def torchrun(*args, cwd=ROOT, timeout=240, nproc=2, extra=()):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *extra, *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ranks_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    torchrun(str(ROOT / "tests/distributed/worker.py"), str(out))
+    return out
+
+
+def weights(out: Path, name: str, rank: int) -> dict:
+    return load_file(out / f"{name}-rank{rank}.safetensors")
+
+
+def assert_close(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+def single_process(trainer, batches: list, steps: int = worker.STEPS) -> dict:
+    for step in range(steps):
+        trainer.step_idx = step
+        trainer.update(batches)
+    return worker.weights(trainer)
+
+
+def moved(before: dict, after: dict) -> float:
+    return max((after[k] - before[k]).abs().max().item() for k in before)
+
+
+# ---- two processes -----------------------------------------------------------------------------
+
+def test_ddp_keeps_ranks_identical_and_matches_one_process_on_the_global_batch(ranks_out):
+    import dataclasses
+    from keel.sft import Packed
+
+    r0, r1 = weights(ranks_out, "sft_ddp", 0), weights(ranks_out, "sft_ddp", 1)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    _, tok = worker.model()
+    parts = worker.sft_batches(tok, 2)
+    assert int((parts[0].labels_BT != -100).sum()) != int((parts[1].labels_BT != -100).sum())  # unequal shares
+    whole = Packed(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Packed)))
+    trainer = worker.sft_trainer(DistributedConfig())
+    start = worker.weights(trainer)
+    reference = single_process(trainer, whole)
+    assert moved(start, reference) > 1e-3  # the comparison is not between two untrained models
+    assert_close(r0, reference, atol=2e-6)
+
+
+def test_ddp_rl_update_matches_one_process_on_the_global_batch(ranks_out):
+    from keel.rl.trainer import Batch
+
+    r0, r1 = weights(ranks_out, "rl_ddp", 0), weights(ranks_out, "rl_ddp", 1)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    _, tok = worker.model()
+    a, b = worker.rl_batches(tok, 2)
+    whole = Batch(a.prompts + b.prompts, a.completions + b.completions, torch.cat([a.rewards_B, b.rewards_B]),
+                  torch.cat([a.correct_B, b.correct_B]), torch.cat([a.format_B, b.format_B]),
+                  torch.cat([a.finished_B, b.finished_B]), a.sampled + b.sampled)
+    trainer = worker.rl_trainer(DistributedConfig())
+    start = worker.weights(trainer)
+    reference = single_process(trainer, whole)
+    assert moved(start, reference) > 1e-3
+    assert_close(r0, reference, atol=2e-6)
+
+
+def test_diloco_with_one_inner_step_outer_lr_1_no_momentum_is_ddp_for_sgd(ranks_out):
+    ddp, diloco = weights(ranks_out, "sgd_ddp", 0), weights(ranks_out, "sgd_diloco", 0)
+    assert all(torch.equal(diloco[k], weights(ranks_out, "sgd_diloco", 1)[k]) for k in diloco)
+    assert_close(diloco, ddp, atol=1e-6)
+    start = worker.weights(worker.rl_trainer(DistributedConfig()))
+    assert moved(start, ddp) > 1e-3
+
+
+def test_diloco_ranks_agree_after_a_sync_in_every_wire_format(ranks_out):
+    for compress in ("none", "bf16", "int8"):
+        r0, r1 = weights(ranks_out, f"diloco_{compress}", 0), weights(ranks_out, f"diloco_{compress}", 1)
+        assert all(torch.equal(r0[k], r1[k]) for k in r0), compress  # 4 steps, H = 2: synced at the end
+    exact = weights(ranks_out, "diloco_none", 0)
+    assert_close(weights(ranks_out, "diloco_bf16", 0), exact, atol=1e-3)
+    assert_close(weights(ranks_out, "diloco_int8", 0), exact, atol=1e-3)
+
+
+def test_byte_counts_are_the_tensor_sizes(ranks_out):
+    m, _ = worker.model()
+    params = [p for p in m.parameters() if p.requires_grad]
+    n = sum(p.numel() for p in params)
+    f0, f1 = (json.loads((ranks_out / f"figures-rank{r}.json").read_text()) for r in (0, 1))
+    assert f0["sft_ddp"]["setup"] == {"setup": 4 * n} and f1["sft_ddp"]["setup"] == {"setup": 0}  # rank 0 broadcasts
+    for f in (f0, f1):
+        assert f["sft_ddp"]["total"]["grads"] == worker.STEPS * 4 * n  # one fp32 all-reduce per step
+        syncs = 2  # 4 inner steps, H = 2
+        assert f["diloco_none"]["total"]["pseudo_grads"] == syncs * 4 * n
+        assert f["diloco_bf16"]["total"]["pseudo_grads"] == syncs * 2 * n
+        assert f["diloco_int8"]["total"]["pseudo_grads"] == syncs * (n + 4 * len(params))  # + one fp32 scale per tensor
+        assert "grads" not in f["diloco_none"]["total"]  # no gradient traffic between syncs
+
+
+# ---- one process -------------------------------------------------------------------------------
+
+def test_diloco_outer_step_is_nesterov_sgd_on_the_pseudo_gradient():
+    lin = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    sync = DiLoCo(lin, Comm(World(), torch.device("cpu")), DistributedConfig(sync="diloco", inner_steps=2, outer_lr=0.5,
+                                                                               outer_momentum=0.9))
+    for step, local in ((1, [0.0, 0.0]), (2, [0.0, 1.0])):
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([local]))
+        sync.after_step(step, final=False)
+    # Step 1 is not a sync. Step 2: delta = [1, 2] - [0, 1] = [1, 1]; buf = delta; nesterov
+    # update = delta + 0.9 * buf = [1.9, 1.9]; w = [1, 2] - 0.5 * 1.9 = [0.05, 1.05].
+    assert torch.allclose(lin.weight, torch.tensor([[0.05, 1.05]]))
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.05, 0.05]]))
+    sync.after_step(3, final=True)  # the last step always syncs
+    # delta = [0, 1]; buf = 0.9 * [1, 1] + [0, 1] = [0.9, 1.9]; update = [0, 1] + 0.9 * buf = [0.81, 2.71]
+    assert torch.allclose(lin.weight, torch.tensor([[0.05 - 0.405, 1.05 - 1.355]]))
+    tensors, _ = sync.state()
+    assert torch.allclose(tensors["momentum.0"], torch.tensor([[0.9, 1.9]]))
+
+
+def test_int8_pseudo_gradients_round_to_half_a_step_of_each_tensors_scale():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sync = DiLoCo(model, Comm(World(), torch.device("cpu")), DistributedConfig(sync="diloco", compress="int8"))
+    vec = torch.randn(sum(p.numel() for p in sync.params), generator=torch.Generator().manual_seed(0))
+    vec[:12] *= 100  # the first tensor's scale must not coarsen the others
+    out = sync.average(vec)
+    for chunk, orig in zip(out.split([p.numel() for p in sync.params]), vec.split([p.numel() for p in sync.params])):
+        assert (chunk - orig).abs().max() <= orig.abs().max() / 127 / 2 + 1e-6
+
+
+def test_one_process_sends_nothing_and_keeps_the_plain_checkpoint_layout():
+    comm = Comm(World(), torch.device("cpu"))
+    t = torch.ones(10)
+    comm.all_reduce(t, "grads")
+    assert t.tolist() == [1.0] * 10 and comm.take_step() == {"comm_bytes": 0, "comm_s": 0.0}
+    tensors, meta = {"model": {"w": t}, "rng": {"torch_cpu": t}}, {"step": 3, "rng": {"python": 1}}
+    assert gather_state(tensors, meta, Sync.rank_local, comm) == (tensors, meta)
+    assert rank_state(tensors, meta, Sync.rank_local, 0, 1) == (tensors, meta)
+
+
+def test_rank_state_takes_its_own_parts_and_refuses_another_world_size():
+    tensors = {"model": {"w": 1}, "rng@0": {"s": 0}, "rng@1": {"s": 1}}
+    meta = {"step": 4, "world_size": 2, "data@0": {"cursor": 3}, "data@1": {"cursor": 7}}
+    t, m = rank_state(tensors, meta, ("rng", "data"), 1, 2)
+    assert t == {"model": {"w": 1}, "rng": {"s": 1}} and m == {"step": 4, "world_size": 2, "data": {"cursor": 7}}
+    with pytest.raises(KeelError, match="written by 2 rank"):
+        rank_state(tensors, meta, ("rng", "data"), 0, 4)
+
+
+def test_faults_can_name_a_rank():
+    assert parse("kill@step=5@rank=1,nan_grad@step=2") == [Fault("kill", 5, 1), Fault("nan_grad", 2, None)]
+    assert Fault("kill", 5, 1).key == "kill@step=5@rank=1"
+    with pytest.raises(KeelError, match="rank=R"):
+        parse("kill@step=5@node=1")
+
+
+@pytest.mark.parametrize("changes, match", [({"sync": "allreduce"}, "unknown sync"), ({"inner_steps": 0}, "inner_steps"),
+                                            ({"outer_momentum": 1.0}, "outer_momentum"), ({"compress": "fp8"}, "compress"),
+                                            ({"link_gbps": -1}, "link_gbps")])
+def test_distributed_config_rejects_bad_values(changes, match):
+    with pytest.raises(KeelError, match=match):
+        DistributedConfig(**changes)
+
+
+# ---- torchrun -m keel: a rank dies, torchrun restarts the group, the run resumes exactly ---------
+
+RECIPE = """task: arithmetic
+task_options: {digits: 1}
+steps: 6
+prompts_per_step: 4
+group_size: 4
+max_new_tokens: 12
+resilience: {checkpoint_every: 2}
+distributed: {sync: diloco, inner_steps: 3}
+"""
+
+
+def test_killed_rank_restarts_and_resumes_to_the_same_weights(tmp_path):
+    from keel.models import save_model
+    from keel.resilience.loop import TIMING_KEYS
+    from keel.runlog import read_jsonl
+
+    save_model(*worker.model(), tmp_path / "tiny")
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    common = ["-m", "keel", "rl", "--model", "tiny", "--recipe", "r.yaml", "--device", "cpu"]
+    torchrun(*common, "--out", "whole", cwd=tmp_path)
+    torchrun(*common, "--out", "killed", "--inject", "kill@step=5@rank=1", cwd=tmp_path, extra=["--max-restarts", "1"])
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    a, b = load_file(whole / "model/model.safetensors"), load_file(killed / "model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS | {"comm_s"}} for r in rows]
+    assert strip(read_jsonl(whole / "metrics.jsonl")) == strip(read_jsonl(killed / "metrics.jsonl"))
+    assert [e["fault"] for e in read_jsonl(killed / "rank1/events.jsonl") if e["event"] == "fault_injected"] == [
+        "kill@step=5@rank=1"]
+    assert [e["step"] for e in read_jsonl(killed / "events.jsonl") if e["event"] == "resume"] == [4]
+    # Step 4 is between DiLoCo syncs (H = 3): each rank's own weights are in the checkpoint.
+    saved = load_file(killed / "checkpoints/00000004/tensors.safetensors")
+    local = [k for k in saved if k.startswith("model@1/")]
+    assert local and any(not torch.equal(saved[k], saved[k.replace("@1/", "@0/")]) for k in local)
+    assert any(k.startswith("sync/global.") for k in saved)
