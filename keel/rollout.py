@@ -2,7 +2,8 @@
 
 Token ids in, token ids out: there is no tokenizer here. Two functions:
 
-- `generate` samples completions for a batch of prompts with the model's KV cache and records,
+- `generate` samples completions for a batch of prompts with a KV cache preallocated for the
+  whole rollout (keel/kvcache.py; optionally with the decode step compiled) and records,
   for each sampled token, its log-prob under the sampling policy (before top-p truncation). RL
   losses need exactly these "old policy" log-probs.
 - `completion_logprobs` re-scores given completions with one forward pass (with grad) so the
@@ -24,7 +25,9 @@ scorer's to float rounding, which the RL importance ratios assume.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -32,6 +35,7 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
+from keel.kvcache import preallocated_cache
 from keel.rl.losses import entropy_BT, token_logprobs
 
 
@@ -128,13 +132,19 @@ def generate(
     pad_id: int,
     generator: torch.Generator | None = None,
     stop_ids: Collection[int] = (),
+    compile: bool = False,
 ) -> Rollout:
-    """Sample one completion per prompt, all prompts in one batch, with the model's KV cache.
+    """Sample one completion per prompt, all prompts in one batch, with a KV cache.
 
     `generator` drives the sampling; create it on the model's device
     (`torch.Generator(device=device).manual_seed(seed)`), as `torch.multinomial` requires. With
     temperature 0 (greedy) it is unused. `stop_ids` end a row like `eos_id`. The model is put in
     eval mode for the call and restored to its previous mode afterwards.
+
+    `compile=True` runs the decode steps through `torch.compile` (opt-in: the first call per model
+    class compiles, tens of seconds on a CPU, then one graph serves every batch and prompt length;
+    forward hooks do not see compiled steps). If compiling fails, the rollout is redone eagerly
+    from the same generator state, with a warning, and that model class stays eager.
     """
     if not prompts:
         raise KeelError("generate() got no prompts; pass at least one list of token ids")
@@ -150,53 +160,86 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device)
+        forward = _compiled_forward(model) if compile else None
+        if forward is not None:
+            state = generator.get_state() if generator is not None else None
+            try:
+                return _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device, forward)
+            except KeelError:
+                raise
+            except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
+                _COMPILED[type(model)] = None
+                reason = (str(e).strip().splitlines() or [""])[0]
+                warnings.warn(f"torch.compile failed for {type(model).__name__} ({type(e).__name__}: {reason}); "
+                              "decoding eagerly", stacklevel=3)
+                if state is not None:
+                    generator.set_state(state)
+        return _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device, model)
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device) -> Rollout:
-    B = len(prompts)
+# One compiled forward per model class (None: compiling failed). The function is compiled unbound
+# so the cache holds no model alive; dynamic=True gives one graph for all batch sizes and lengths.
+_COMPILED: dict[type, object] = {}
+
+
+def _compiled_forward(model: torch.nn.Module):
+    cls = type(model)
+    if cls not in _COMPILED:
+        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
+    fn = _COMPILED[cls]
+    return None if fn is None else functools.partial(fn, model)
+
+
+def _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, device, forward) -> Rollout:
+    """The rollout loop; `forward` runs the decode steps (the model itself, or its compiled forward)."""
+    B, N = len(prompts), params.max_new_tokens
     ids_BP, mask_BP, pos_BP = _left_pad(prompts, pad_id, device)
     _check_ids(model, ids_BP, "prompts (or pad_id)")
+    P = ids_BP.shape[1]
     stop_S = torch.tensor(sorted({eos_id, *stop_ids}), dtype=torch.long, device=device)
     cache_kw = _cache_kwarg(model)
 
-    # Prefill once; only the last column's logits are needed (logits_to_keep=1 spares a [B, P, V]).
-    out = model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP, use_cache=True, logits_to_keep=1)
-    cache = out.cache if cache_kw == "cache" else out.past_key_values
-    mask_BT, pos_B = mask_BP, pos_BP[:, -1]
+    # Everything the steps need is made once and sliced per step: the mask of all P + N columns
+    # (new tokens are real, so ones), each row's positions for the new tokens, the outputs, and
+    # the KV cache (None: the model builds its own, e.g. for sliding-window layers).
+    mask_BT = torch.cat([mask_BP, mask_BP.new_ones(B, N)], dim=1)
+    pos_BN = pos_BP[:, -1:] + torch.arange(1, N + 1, device=device)
+    toks_BN = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    logp_BN = torch.zeros((B, N), dtype=torch.float32, device=device)
+    cache = preallocated_cache(model, P + N)
 
-    toks, logps = [], []  # per step: [B] tensors
+    # Prefill once; only the last column's logits are needed (logits_to_keep=1 spares a [B, P, V]).
+    out = model(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP, use_cache=True, logits_to_keep=1,
+                **{cache_kw: cache})
+    cache = out.cache if cache_kw == "cache" else out.past_key_values
+
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     length_B = torch.zeros(B, dtype=torch.long, device=device)  # tokens kept per row
-    for step in range(params.max_new_tokens):
+    for step in range(N):
         tok_B, logp_B = sample_next(out.logits[:, -1, :], params, generator)
-        length_B += (~done_B).long()  # rows finished earlier keep their length
+        length_B += ~done_B  # rows finished earlier keep their length
         tok_B = tok_B.masked_fill(done_B, pad_id)  # what we feed finished rows; never returned
-        toks.append(tok_B)
-        logps.append(logp_B)
-        done_B = done_B | torch.isin(tok_B, stop_S)
-        if step == params.max_new_tokens - 1 or bool(done_B.all()):
+        toks_BN[:, step] = tok_B
+        logp_BN[:, step] = logp_B
+        done_B |= torch.isin(tok_B, stop_S)
+        if step == N - 1 or bool(done_B.all()):
             break
-        # One decode step for the whole batch; new tokens are real, so the mask grows by ones.
-        mask_BT = torch.cat([mask_BT, mask_BT.new_ones(B, 1)], dim=1)
-        pos_B = pos_B + 1
-        out = model(
+        # One decode step for the whole batch: one new column.
+        out = forward(
             input_ids=tok_B[:, None],
-            attention_mask=mask_BT,
-            position_ids=pos_B[:, None],
+            attention_mask=mask_BT[:, : P + step + 1],
+            position_ids=pos_BN[:, step : step + 1],
             use_cache=True,
             logits_to_keep=1,
             **{cache_kw: cache},
         )
 
-    toks_BN = torch.stack(toks, dim=1).tolist()
-    logps_BN = torch.stack(logps, dim=1).tolist()
     lengths = length_B.tolist()
     return Rollout(
-        tokens=[row[:n] for row, n in zip(toks_BN, lengths)],
-        logprobs=[row[:n] for row, n in zip(logps_BN, lengths)],
+        tokens=[row[:n] for row, n in zip(toks_BN.tolist(), lengths)],
+        logprobs=[row[:n] for row, n in zip(logp_BN.tolist(), lengths)],
         finished=done_B.tolist(),
     )
 

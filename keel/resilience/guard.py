@@ -27,6 +27,7 @@ def guarded_update(model, optimizer, loss: torch.Tensor, grad_clip: float, injec
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, False
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free a model's worth of memory before the next rollout
     return grad_norm, True
 
 

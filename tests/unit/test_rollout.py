@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
+import keel.rollout
 from keel.errors import KeelError
+from keel.kvcache import preallocated_cache
 from keel.rollout import Rollout, SamplingParams, sample_next, completion_logprobs, generate
 
 PAD = 0
@@ -14,7 +16,7 @@ NO_EOS = 49  # an id we check is never produced where a test wants full-length r
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15], [16], [17, 18, 19, 20, 21]]  # different lengths
 
 
-def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0, **extra) -> torch.nn.Module:
     kw = dict(
         vocab_size=50,
         hidden_size=32,
@@ -25,6 +27,7 @@ def tiny_model(arch: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
         head_dim=8,
         max_position_embeddings=128,
         tie_word_embeddings=True,
+        **extra,
     )
     cfg, cls = (Qwen3Config(**kw), Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig(**kw), LlamaForCausalLM)
     cfg._attn_implementation = attn
@@ -317,3 +320,69 @@ def test_layout_left_pad_mask_and_position_ids_count_from_first_real_token():
     assert score["input_ids"].tolist() == [[PAD, PAD, 5, 6, 7, 1, 2], [8, 9, 10, 11, 12, 3, PAD]]
     assert score["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]]
     assert score["position_ids"].tolist() == [[0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
+
+
+# ----------------------------------------------------------------------------- KV cache, compile
+
+
+def test_preallocated_cache_gives_the_same_rollout_as_the_models_own_cache(model, monkeypatch):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)
+
+    def run():
+        return generate(model, PROMPTS, params, eos_id=1, pad_id=PAD, generator=gen(4), stop_ids=[2, 3])
+
+    ours = run()
+    monkeypatch.setattr(keel.rollout, "preallocated_cache", lambda model, capacity: None)  # the model's DynamicCache
+    theirs = run()
+    assert ours.tokens == theirs.tokens and ours.finished == theirs.finished
+    for x, y in zip(ours.logprobs, theirs.logprobs):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-6)
+
+
+def test_sliding_window_model_falls_back_to_its_own_cache_and_matches_naive_decoding():
+    # Layer 1 attends to the last 4 positions only: the preallocated cache does not cover that.
+    model = tiny_model("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert preallocated_cache(model, 32) is None and preallocated_cache(tiny_model("qwen3"), 32) is not None
+    n = 8  # prompts of up to 8 tokens + 8 new ones: well past the window
+    r = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=n), eos_id=NO_EOS, pad_id=PAD)
+    with torch.no_grad():
+        refs = [naive_greedy(model, p, n) for p in PROMPTS]
+    assert r.tokens == [truncate_at(ref, {NO_EOS}) for ref in refs]
+
+
+def test_compile_runs_decode_steps_through_the_compiled_forward(monkeypatch):
+    """The plumbing only, with an identity 'compiler' (real compiling is too slow for CI;
+    benchmarks/rollout_vs_hf.py --compile exercises it)."""
+    model = tiny_model("llama")
+    compiled = []
+    monkeypatch.setattr(keel.rollout, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))  # compiled steps bypass module hooks
+    params = SamplingParams(temperature=0.7, max_new_tokens=6)
+    a = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(2), compile=True)
+    generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(2), compile=True)
+    assert compiled == [type(model).forward] and len(calls) == 2  # compiled once; only the prefills were eager
+    b = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(2))
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+
+
+def test_compile_failure_warns_and_redoes_the_rollout_eagerly(monkeypatch):
+    model = tiny_model("qwen3")
+    attempts = []
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            attempts.append(1)
+            raise RuntimeError("no working C++ compiler\n(details)")
+        return run
+
+    monkeypatch.setattr(keel.rollout, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no working C\\+\\+ compiler.*decoding eagerly"):
+        a = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(7), compile=True)
+    b = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(7))
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs  # same generator state as a plain eager call
+    generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(7), compile=True)
+    assert len(attempts) == 1  # the class is remembered as eager-only: no second attempt, no second warning
