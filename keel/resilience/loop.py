@@ -50,7 +50,8 @@ def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
     def restore(reason: str) -> bool:
         # Rank 0 picks the checkpoint (it may have one still being written), the others follow.
         found = ckpt.latest_path() if world.main else None
-        step = int(sync.comm.broadcast(torch.tensor([-1 if found is None else int(found.name)]), "control").item())
+        choice = torch.tensor([-1 if found is None else int(found.name)], device=sync.comm.device)
+        step = int(sync.comm.broadcast(choice, "control").item())
         if step < 0:
             return False
         tensors, state = read(ckpt.folder / f"{step:08d}")
