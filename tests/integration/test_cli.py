@@ -73,6 +73,15 @@ def test_group_size_of_one(tmp_path, tiny_model):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, needle", [(["--simulate-link", "fast"], "GBPS[,LATENCY_MS]"),
+                                           (["--simulate-link", "-1"], "link_gbps and link_latency_ms must be >= 0"),
+                                           (["--sync", "allreduce"], "unknown sync 'allreduce'")])
+def test_bad_distributed_flags(tmp_path, tiny_model, flags, needle):
+    r = keel("rl", "--model", tiny_model, "--out", tmp_path / "run", *flags)
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "run").exists()
+
+
 def test_dataset_without_the_named_columns(tmp_path, tiny_model):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"problem": "1+1", "solution": "2"}) + "\n")
