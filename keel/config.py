@@ -134,6 +134,7 @@ class RLConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
+    compile: bool = False        # torch.compile the rollout's decode step: compiles once (tens of seconds), then faster
     resilience: ResilienceConfig = ResilienceConfig()
     distributed: DistributedConfig = DistributedConfig()
 

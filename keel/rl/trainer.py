@@ -48,6 +48,12 @@ class Batch:
     format_B: torch.Tensor
     finished_B: torch.Tensor
     sampled: int  # completions generated to fill this batch (dynamic sampling may discard some)
+    logprobs: list[list[float]] | None = None  # per completion token, under the sampling policy
+
+    def sampling_logprobs(self, device) -> torch.Tensor:
+        """The sampler's log-probs as [B, C] (completion_logprobs' layout), zeros past each end."""
+        C = max(len(c) for c in self.completions)
+        return torch.tensor([row + [0.0] * (C - len(row)) for row in self.logprobs], device=device)
 
 
 def train_prompts(task, seed: int) -> list:
@@ -100,7 +106,7 @@ class Trainer:
         prompts = [render_prompt(self.tokenizer, ex.question) for ex in examples for _ in range(G)]
         with autocast(self.device, self.cfg.dtype):
             out = generate(self.model, prompts, self.sampling, eos_id=self.eos_id, pad_id=self.pad_id,
-                           generator=self.generator)
+                           generator=self.generator, compile=self.cfg.compile)
         scores = [self.task.reward(self.tokenizer.decode(t, skip_special_tokens=True), examples[i // G])
                   for i, t in enumerate(out.tokens)]
         correct = torch.tensor([s["correct"] for s in scores])
@@ -110,7 +116,8 @@ class Trainer:
             # An unfinished completion ran past the budget: DAPO's "> L_max" regime.
             lengths = torch.tensor([len(t) + (0 if f else 1) for t, f in zip(out.tokens, out.finished)])
             rewards = rewards + overlong_penalty(lengths, self.cfg.max_new_tokens, self.overlong)
-        return Batch(prompts, out.tokens, rewards, correct, fmt, torch.tensor(out.finished), len(prompts))
+        return Batch(prompts, out.tokens, rewards, correct, fmt, torch.tensor(out.finished), len(prompts),
+                     out.logprobs)
 
     def collect(self) -> Batch:
         """This rank's batch of `prompts_per_rank` groups. With dynamic sampling, groups whose rewards
@@ -131,7 +138,7 @@ class Trainer:
         pick = lambda name: [getattr(b, name)[i] for b, i in rows]
         stack = lambda name: torch.stack(pick(name)) if rows else torch.zeros(0)
         return Batch(pick("prompts"), pick("completions"), stack("rewards_B"), stack("correct_B"),
-                     stack("format_B"), stack("finished_B"), sampled)
+                     stack("format_B"), stack("finished_B"), sampled, pick("logprobs"))
 
     # -- update ------------------------------------------------------------------------------
     def _logprobs(self, model, batch: Batch, with_entropy: bool = False):
@@ -169,9 +176,15 @@ class Trainer:
         adv_B = adv_B.to(self.device)
         self.model.train()
         old_logp = ref_logp = None
-        if cfg.updates_per_batch > 1:  # the policy moves between updates: freeze the sampling policy's log-probs
-            with torch.no_grad():
-                old_logp, _, _ = self._logprobs(self.model, batch)
+        if cfg.updates_per_batch > 1:
+            # The policy moves between updates, so the ratios need the sampling policy's log-probs:
+            # the sampler recorded them (equal to a re-scoring forward to float rounding in fp32),
+            # which spares that forward. Batches built by hand may come without them.
+            if batch.logprobs is not None:
+                old_logp = batch.sampling_logprobs(self.device)
+            else:
+                with torch.no_grad():
+                    old_logp, _, _ = self._logprobs(self.model, batch)
         if self.ref is not None:
             with torch.no_grad():
                 ref_logp, _, _ = self._logprobs(self.ref, batch)

@@ -67,6 +67,29 @@ def test_every_loss_trains_and_logs(sft_model, loss):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
+def test_several_updates_take_old_logprobs_from_the_sampler(sft_model):
+    """The ratios' denominator is what the sampler recorded (through dynamic sampling's regrouping
+    too): the same numbers a re-scoring forward gives, and one forward fewer per batch."""
+    model, tokenizer, *_ = sft_model
+    trainer = Trainer(copy.deepcopy(model), tokenizer,
+                      RLConfig(task_options=TASK, loss="dapo", prompts_per_step=4, max_new_tokens=32,
+                               updates_per_batch=2, seed=3))
+    batch = trainer.collect()
+    assert batch.completions
+    with torch.no_grad():
+        rescored, mask, _ = trainer._logprobs(trainer.model, batch)
+    recorded = batch.sampling_logprobs("cpu")
+    assert recorded.shape == rescored.shape
+    assert ((recorded - rescored).abs() * mask).max() < 1e-5
+    assert (recorded * (1 - mask)).abs().max() == 0
+    forwards = []
+    hook = trainer.model.register_forward_hook(lambda *_: forwards.append(1))
+    row = trainer.update(batch)
+    hook.remove()
+    assert len(forwards) == 2  # one per update; none to re-score the sampling policy
+    assert math.isfinite(row["loss"])
+
+
 def test_dapo_dynamic_sampling_keeps_only_groups_with_signal(sft_model):
     model, tokenizer, *_ = sft_model
     trainer = Trainer(copy.deepcopy(model), tokenizer,
