@@ -4,7 +4,8 @@ Both sides train the same locally built Qwen3 (saved once to a temp folder, load
 with transformers) on the same arithmetic prompts, rendered with the same chat template: 4 prompts
 x 8 samples per optimizer step, exactly 64 completion tokens per sample (EOS never ends a sample),
 the GRPO loss with beta 0 and one update per batch, the same reward function (keel's verifier),
-fp32 on the CPU (the fastest dtype here), the same torch thread count. Each side runs at its
+fp32 on the CPU (the fastest dtype on a CPU without AMX; `--keel-dtype bf16` puts keel under
+bf16 autocast where the CPU has AMX), the same torch thread count. Each side runs at its
 fastest setting: keel compiles its decode step (`RLConfig.compile`; the compile happens in the
 warm-up steps), TRL runs its defaults minus gradient checkpointing. Each side runs in its own
 subprocess, so its peak RSS (VmHWM) is its own, and the sides alternate over `--repeats` runs;
@@ -59,7 +60,7 @@ def bench_prompts(n: int):
 # ----------------------------------------------------------------------------- keel side
 
 
-def run_keel(model_dir: str, warmup: int, steps: int, profile: bool, compile: bool) -> dict:
+def run_keel(model_dir: str, warmup: int, steps: int, profile: bool, compile: bool, dtype: str) -> dict:
     from keel.config import RLConfig
     from keel.models import load_model
     from keel.rl.trainer import Trainer
@@ -67,7 +68,7 @@ def run_keel(model_dir: str, warmup: int, steps: int, profile: bool, compile: bo
     model, tokenizer = load_model(model_dir)
     cfg = RLConfig(task="arithmetic", task_options=TASK, loss="grpo", steps=warmup + steps,
                    prompts_per_step=PROMPTS, group_size=GROUP, updates_per_batch=1, lr=LR, temperature=1.0,
-                   max_new_tokens=TOKENS, beta=0.0, format_weight=0.0, seed=SEED, device="cpu", dtype="fp32",
+                   max_new_tokens=TOKENS, beta=0.0, format_weight=0.0, seed=SEED, device="cpu", dtype=dtype,
                    compile=compile)
     trainer = Trainer(model, tokenizer, cfg)
     # keel has no min-tokens knob: an id the sampler never draws (ids are >= 0) as EOS makes every
@@ -216,7 +217,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     if args.side == "keel":
-        out = run_keel(args.model_dir, args.warmup, args.steps, args.profile, not args.keel_eager)
+        out = run_keel(args.model_dir, args.warmup, args.steps, args.profile, not args.keel_eager, args.keel_dtype)
     else:
         out = run_trl(args.model_dir, args.warmup, args.steps, args.profile)
     print(json.dumps(out))
@@ -227,8 +228,8 @@ def spawn(side: str, model_dir: str, args) -> dict:
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, __file__, "--side", side, "--model-dir", model_dir, "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []) + (
-           ["--keel-eager"] if args.keel_eager else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--keel-dtype", args.keel_dtype] + (
+           ["--profile"] if args.profile else []) + (["--keel-eager"] if args.keel_eager else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"the {side} run failed:\n{proc.stderr[-4000:]}")
@@ -278,6 +279,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     p.add_argument("--profile", action="store_true", help="also time the phases of each side's step")
     p.add_argument("--keel-eager", action="store_true", help="keel without its compiled decode step")
+    p.add_argument("--keel-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="keel's autocast dtype: bf16 pays on CPUs with AMX (slower than fp32 without it)")
     p.add_argument("--side", choices=["keel", "trl"], help=argparse.SUPPRESS)  # internal: one side's run
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -308,7 +311,7 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "grpo_vs_trl", "trl": trl.__version__, "torch": torch.__version__, "threads": args.threads,
-        "keel_compile": not args.keel_eager,
+        "keel_compile": not args.keel_eager, "keel_dtype": args.keel_dtype,
         "prompts_per_step": PROMPTS, "group_size": GROUP, "completion_tokens": TOKENS,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
         "models": {n: rounded(r) for n, r in results.items()},
