@@ -90,6 +90,19 @@ def test_several_updates_take_old_logprobs_from_the_sampler(sft_model):
     assert math.isfinite(row["loss"])
 
 
+def test_rl_compile_option_reaches_the_rollout(sft_model, monkeypatch):
+    import keel.rl.trainer as T
+
+    model, tokenizer, *_ = sft_model
+    asked, real = [], T.generate
+    # Record what the trainer asks for, then decode eagerly (real compiling is too slow for CI).
+    monkeypatch.setattr(T, "generate", lambda *a, **k: asked.append(k["compile"]) or real(*a, **{**k, "compile": False}))
+    for compile in (True, False):
+        Trainer(copy.deepcopy(model), tokenizer,
+                RLConfig(task_options=TASK, prompts_per_step=1, max_new_tokens=4, compile=compile)).collect()
+    assert asked == [True, False]
+
+
 def test_dapo_dynamic_sampling_keeps_only_groups_with_signal(sft_model):
     model, tokenizer, *_ = sft_model
     trainer = Trainer(copy.deepcopy(model), tokenizer,
