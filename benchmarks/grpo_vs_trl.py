@@ -32,19 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import peak_rss_mb
+
 # layers, hidden: heads of 32 dims, intermediate 3 * hidden, tied embeddings
 MODELS = {"27m": (8, 512), "3m": (6, 192)}
 PROMPTS, GROUP, TOKENS = 4, 8, 64  # per optimizer step: 4 prompts x 8 samples x 64 tokens
 LR, SEED, TASK = 1e-5, 0, {"digits": 3}
 PHASES = ("generate", "reward", "logprob_forward", "backward", "grad_clip", "optimizer")  # --profile
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def bench_prompts(n: int):

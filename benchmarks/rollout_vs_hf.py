@@ -28,16 +28,9 @@ import subprocess
 import sys
 import time
 
+from common import peak_rss_mb
+
 SIDES = ("keel", "hf", "floor", "keel_compiled")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM), in MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker(side: str, args) -> None:

@@ -33,6 +33,8 @@ from keel.device import pick_device, supports_bf16, synchronize
 from keel.models import init_model, special_ids
 from keel.sft import SFTTrainer
 
+from common import peak_rss_mb
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,11 +61,6 @@ def sequence_lengths(position_ids_BT: torch.Tensor, input_ids_BT: torch.Tensor, 
         starts = [t for t, p in enumerate(pos) if p == 0] + [len(pos)]
         lengths += [e - s for s, e in zip(starts, starts[1:]) if any(i != pad_id for i in ids[s:e])]
     return lengths
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def main() -> None:
