@@ -157,8 +157,3 @@ class Checkpointer:
                 return path
             self.log.event("corrupt_checkpoint", path=str(path), problem=problem)
         return None
-
-    def latest(self):
-        """(tensors, state) of the newest checkpoint that verifies, or None."""
-        path = self.latest_path()
-        return None if path is None else read(path)

@@ -40,7 +40,7 @@ def test_torn_checkpoint_is_skipped(tmp_path):
     ckpt.save(1, tree(), {"step": 1})
     ckpt.save(2, tree(), {"step": 2})
     (checkpoint.listing(tmp_path / "c")[0] / "manifest.json").unlink()  # killed before the manifest landed
-    _, state = ckpt.latest()
+    _, state = checkpoint.read(ckpt.latest_path())
     assert state == {"step": 1}
     events = read_jsonl(tmp_path / "events.jsonl")
     assert any(e["event"] == "corrupt_checkpoint" and "manifest" in e["problem"] for e in events)
