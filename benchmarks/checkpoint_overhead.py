@@ -19,7 +19,7 @@ import torch
 from keel.config import DemoConfig
 from keel.models import init_model
 from keel.resilience.checkpoint import Checkpointer
-from keel.rl.trainer import Trainer
+from keel.rl.trainer import RLTrainer
 from keel.runlog import RunLog
 
 
@@ -27,7 +27,7 @@ def main(steps: int = 8, saves: int = 5) -> dict:
     torch.manual_seed(0)
     cfg = DemoConfig()
     model, tokenizer = init_model(cfg.model.arch, cfg.model.layers, cfg.model.hidden, cfg.model.seed)
-    trainer = Trainer(model, tokenizer, cfg.stage("rl"))
+    trainer = RLTrainer(model, tokenizer, cfg.stage("rl"))
     trainer.step()  # warm-up
     step_times = []
     for _ in range(steps):

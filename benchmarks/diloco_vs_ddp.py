@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from keel.config import DemoConfig, EvalConfig  # noqa: E402
 from keel.evaluate import evaluate  # noqa: E402
 from keel.models import init_model, load_model, save_model  # noqa: E402
-from keel.resilience.goodput import goodput  # noqa: E402
+from keel.report import goodput  # noqa: E402
 from keel.runlog import read_jsonl  # noqa: E402
-from keel.sft import sft  # noqa: E402
+from keel.train.sft import sft  # noqa: E402
 
 
 def sft_model(work: Path) -> Path:

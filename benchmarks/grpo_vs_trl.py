@@ -57,14 +57,14 @@ def bench_prompts(n: int):
 def run_keel(model_dir: str, warmup: int, steps: int, profile: bool, compile: bool, dtype: str) -> dict:
     from keel.config import RLConfig
     from keel.models import load_model
-    from keel.rl.trainer import Trainer
+    from keel.rl.trainer import RLTrainer
 
     model, tokenizer = load_model(model_dir)
     cfg = RLConfig(task="arithmetic", task_options=TASK, loss="grpo", steps=warmup + steps,
                    prompts_per_step=PROMPTS, group_size=GROUP, updates_per_batch=1, lr=LR, temperature=1.0,
                    max_new_tokens=TOKENS, beta=0.0, format_weight=0.0, seed=SEED, device="cpu", dtype=dtype,
                    compile=compile)
-    trainer = Trainer(model, tokenizer, cfg)
+    trainer = RLTrainer(model, tokenizer, cfg)
     # keel has no min-tokens knob: an id the sampler never draws (ids are >= 0) as EOS makes every
     # sample run to max_new_tokens, as min_new_tokens does on the TRL side.
     trainer.eos_id = -1

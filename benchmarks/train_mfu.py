@@ -31,7 +31,7 @@ import torch
 from keel.config import SFTConfig
 from keel.device import pick_device, supports_bf16, synchronize
 from keel.models import init_model, special_ids
-from keel.sft import SFTTrainer
+from keel.train.sft import SFTTrainer
 
 from common import peak_rss_mb
 

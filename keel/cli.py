@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import inspect
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,9 +18,43 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train reasoning LMs with RL from verifiable rewards; serve them anywhere.")
 
 TASK_HELP = "arithmetic | countdown | a .jsonl/.parquet file with question/answer columns"
-SYNC_HELP = "under torchrun: ddp (all-reduce gradients every step) | diloco (rare pseudo-gradient syncs)"
-LINK_HELP = "GBPS[,LATENCY_MS]: report how long this run's communication would take on such a link"
 OPTION_HELP = "task option KEY=VALUE, repeatable (e.g. -o digits=4, -o question_key=problem)"
+
+# The options every training command (sft, rl) takes, declared once; `training_command` adds them.
+TRAIN_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+                 for name, annotation, default in (
+    ("model", Path, typer.Option(..., help="HF model directory to start from (for rl, usually an SFT model)")),
+    ("out", Path, typer.Option(..., help="run folder; the trained model goes to OUT/model")),
+    ("recipe", Optional[Path], typer.Option(None, help="YAML with the stage's settings (see recipes/)")),
+    ("task", Optional[str], typer.Option(None, help=TASK_HELP)),
+    ("option", Optional[list[str]], typer.Option(None, "-o", "--option", help=OPTION_HELP)),
+    ("steps", Optional[int], typer.Option(None, help="optimizer steps (sft) or rollout batches (rl)")),
+    ("device", Optional[str], typer.Option(None, help="auto | cpu | cuda | npu | xpu | mps")),
+    ("seed", Optional[int], typer.Option(None)),
+    ("resume", bool, typer.Option(False, help="continue from the newest good checkpoint in OUT (fresh if none)")),
+    ("checkpoint_every", Optional[int], typer.Option(None, help="steps between checkpoints")),
+    ("max_restarts", int, typer.Option(0, help="restart the run in place this many times if it dies")),
+    ("inject", Optional[str], typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)")),
+    ("sync", Optional[str], typer.Option(None, help="under torchrun: ddp (all-reduce gradients every step) | "
+                                               "diloco (rare pseudo-gradient syncs)")),
+    ("simulate_link", Optional[str], typer.Option(None, help="GBPS[,LATENCY_MS]: report how long this run's "
+                                                       "communication would take on such a link")),
+)]
+
+
+def training_command(command):
+    """Give a training command the shared TRAIN_OPTIONS (before its own); it receives them as one
+    dict, `run`."""
+    names = [p.name for p in TRAIN_OPTIONS]
+
+    @functools.wraps(command)
+    def with_run(**kwargs):
+        return command(run={n: kwargs.pop(n) for n in names}, **kwargs)
+
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in inspect.signature(command).parameters.values() if p.name != "run"]
+    with_run.__signature__ = inspect.Signature(TRAIN_OPTIONS + own)
+    return with_run
 
 
 def _options(pairs: list[str] | None) -> dict:
@@ -40,43 +74,24 @@ def _stage_config(cls, recipe: Optional[Path], **flags):
     return override(cfg, **flags)
 
 
-def _with_run_options(cfg, resume, checkpoint_every, inject, sync, simulate_link):
-    from keel.config import override
+def _train(cls, train, run: dict, **stage_flags) -> None:
+    """Run a training stage (config class `cls`, function `train`) from the command line; with
+    --max-restarts in a child process that is restarted (resuming) when it dies."""
+    from keel.config import with_run_options
+    from keel.train.stage import check_unfinished, train_stage
 
-    changes = {"resume": resume or None, "checkpoint_every": checkpoint_every, "inject": inject}
-    cfg = override(cfg, resilience=dataclasses.asdict(override(cfg.resilience, **changes)))
-    gbps = latency = None
-    if simulate_link:
-        try:
-            gbps, _, latency = simulate_link.partition(",")
-            gbps, latency = float(gbps), float(latency or 0)
-        except ValueError:
-            raise KeelError(f"--simulate-link {simulate_link!r}: write GBPS[,LATENCY_MS], e.g. 1,5") from None
-    dist = override(cfg.distributed, sync=sync, link_gbps=gbps, link_latency_ms=latency)
-    return override(cfg, distributed=dataclasses.asdict(dist))
-
-
-def _train(train, cfg, model: Path, out: Path, max_restarts: int) -> None:
-    """Load `model`, run a training stage on it, write OUT/model; a finished run is never overwritten.
-    With `max_restarts`, the stage runs in a child process that is restarted (resuming) when it dies.
-    Under torchrun every rank trains and rank 0 writes the model."""
-    from keel.distributed import shutdown
-    from keel.models import load_model, save_model
-
-    if max_restarts:
+    cfg = _stage_config(cls, run["recipe"], task=run["task"], task_options=_options(run["option"]) or None,
+                        steps=run["steps"], device=run["device"], seed=run["seed"], **stage_flags)
+    cfg = with_run_options(cfg, resume=run["resume"], checkpoint_every=run["checkpoint_every"],
+                           inject=run["inject"], sync=run["sync"], link=run["simulate_link"])
+    if run["max_restarts"]:
         from keel.resilience.supervise import supervise, without_option
 
-        sys.exit(supervise(without_option(sys.argv[1:], "--max-restarts"), max_restarts, out))
-    if (out / "model").exists() and any((out / "model").iterdir()):
-        raise KeelError(f"{out}/model already exists: pass a new --out, or delete it to train again")
-    m, tokenizer = load_model(model)
-    try:
-        train(m, tokenizer, cfg, out)
-    finally:
-        shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        save_model(m, tokenizer, out / "model")
-        typer.echo(f"wrote {out / 'model'}")
+        check_unfinished(run["out"])
+        sys.exit(supervise(without_option(sys.argv[1:], "--max-restarts"), run["max_restarts"], run["out"]))
+    written = train_stage(train, cfg, run["model"], run["out"])
+    if written:
+        typer.echo(f"wrote {written}")
 
 
 @app.command()
@@ -87,9 +102,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="run folder (overwritt
     from keel.config import DemoConfig, load_recipe
     from keel.demo import run_demo
 
-    cfg = load_recipe(recipe, DemoConfig) if recipe else DemoConfig()
-    if device:
-        cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), device=device) for s in ("sft", "rl", "eval")})
+    cfg = (load_recipe(recipe, DemoConfig) if recipe else DemoConfig()).on_device(device)
     report = run_demo(cfg, out)
     typer.echo(json.dumps({"sft": {"pass@1": report["sft"]["pass@1"]}, "rl": {"pass@1": report["rl"]["pass@1"]},
                            "wall_s": round(report["wall_s"], 1), "out": str(out)}))
@@ -114,63 +127,33 @@ def data(task: str = typer.Option(..., help=TASK_HELP), out: Path = typer.Option
          seed: int = typer.Option(0), option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP)):
     """Write a task's rows (question, answer, trace and task fields) as JSONL."""
     from keel.tasks import get_task
+    from keel.tasks.files import write_dataset
 
-    if split not in ("train", "test"):
-        raise KeelError(f"--split must be train or test, not {split!r}")
-    rows = [ex.to_row() for ex in get_task(task, **_options(option)).examples(split, n, seed=seed)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
-    typer.echo(f"wrote {len(rows)} {split} rows to {out}")
+    examples = get_task(task, **_options(option)).examples(split, n, seed=seed)
+    write_dataset(examples, out)
+    typer.echo(f"wrote {len(examples)} {split} rows to {out}")
 
 
 @app.command("sft")
-def sft_cmd(model: Path = typer.Option(..., help="HF model directory to start from"),
-            out: Path = typer.Option(..., help="run folder; the trained model goes to OUT/model"),
-            recipe: Optional[Path] = typer.Option(None, help="YAML with SFT settings (see recipes/)"),
-            task: Optional[str] = typer.Option(None, help=TASK_HELP),
-            option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
-            steps: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None,
-            resume: bool = typer.Option(False, help="continue from the newest good checkpoint in OUT (fresh if none)"),
-            checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
-            max_restarts: int = typer.Option(0, help="restart the run in place this many times if it dies"),
-            inject: Optional[str] = typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)"),
-            sync: Optional[str] = typer.Option(None, help=SYNC_HELP),
-            simulate_link: Optional[str] = typer.Option(None, help=LINK_HELP),
-):
+@training_command
+def sft_cmd(run: Optional[dict] = None):
     """Cold-start supervised training on reasoning traces (loss on completions only)."""
     from keel.config import SFTConfig
-    from keel.sft import sft
+    from keel.train.sft import sft
 
-    cfg = _stage_config(SFTConfig, recipe, task=task, task_options=_options(option) or None,
-                        steps=steps, device=device, seed=seed)
-    _train(sft, _with_run_options(cfg, resume, checkpoint_every, inject, sync, simulate_link), model, out, max_restarts)
+    _train(SFTConfig, sft, run)
 
 
 @app.command("rl")
-def rl_cmd(model: Path = typer.Option(..., help="HF model directory to start from (usually an SFT model)"),
-           out: Path = typer.Option(..., help="run folder; the trained model goes to OUT/model"),
-           recipe: Optional[Path] = typer.Option(None, help="YAML with RL settings (see recipes/)"),
-           task: Optional[str] = typer.Option(None, help=TASK_HELP),
-           option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
-           loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo | gspo"),
-           steps: Optional[int] = None, group_size: Optional[int] = None,
-           device: Optional[str] = None, seed: Optional[int] = None,
-           resume: bool = typer.Option(False, help="continue from the newest good checkpoint in OUT (fresh if none)"),
-           checkpoint_every: Optional[int] = typer.Option(None, help="steps between checkpoints"),
-           max_restarts: int = typer.Option(0, help="restart the run in place this many times if it dies"),
-           inject: Optional[str] = typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)"),
-           sync: Optional[str] = typer.Option(None, help=SYNC_HELP),
-           simulate_link: Optional[str] = typer.Option(None, help=LINK_HELP),
-):
+@training_command
+def rl_cmd(loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo | gspo"),
+           group_size: Optional[int] = typer.Option(None, help="samples per prompt"),
+           run: Optional[dict] = None):
     """RL from verifiable rewards with the GRPO family."""
     from keel.config import RLConfig
     from keel.rl.trainer import rl
 
-    cfg = _stage_config(RLConfig, recipe, task=task, task_options=_options(option) or None, loss=loss,
-                        steps=steps, group_size=group_size, device=device, seed=seed)
-    _train(rl, _with_run_options(cfg, resume, checkpoint_every, inject, sync, simulate_link), model, out, max_restarts)
+    _train(RLConfig, rl, run, loss=loss, group_size=group_size)
 
 
 @app.command("report")
@@ -178,26 +161,12 @@ def report_cmd(out: Path = typer.Argument(..., help="a run folder (keel sft/rl/d
                mtbf_hours: Optional[float] = typer.Option(None, help="mean time between failures; default: observed")):
     """Goodput of a run: useful step time against time lost to faults and to checkpointing,
     and the checkpoint interval the Young/Daly rule recommends."""
-    from keel.resilience.goodput import goodput
+    from keel.report import format_goodput, goodput
     from keel.runlog import console
 
-    if not (out / "events.jsonl").is_file():
-        raise KeelError(f"{out} has no events.jsonl: pass the --out folder of a keel run")
     g = goodput(out, mtbf_hours)
-    fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.1f}{unit}"
-    console.print(f"wall {fmt(g['wall_s'])}  useful {fmt(g['useful_s'])}  checkpointing {fmt(g['checkpoint_s'])}  "
-                  f"lost to faults {fmt(g['lost_s'])}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}")
-    console.print(f"steps: {g['useful_steps']} useful, {g['skipped_steps']} skipped; faults: {g['faults']}")
-    if g["comm_bytes"]:
-        console.print(f"communication: {g['comm_bytes'] / 1e6:.1f} MB sent by rank 0, {fmt(g['comm_s'])} in collectives"
-                      + (f"; on the simulated link the run would take {fmt(g['simulated_wall_s'])}"
-                         if g["simulated_wall_s"] is not None else ""))
-    if g["recommended_interval_s"]:
-        source = "observed" if g["mtbf_observed"] else "given"
-        console.print(f"checkpoint every {g['recommended_interval_steps']} steps (~{g['recommended_interval_s']:.0f}s): "
-                      f"sqrt(2 x MTBF {g['mtbf_s']:.0f}s ({source}) x cost {g['checkpoint_cost_s']:.3f}s)")
-    else:
-        console.print("no interval recommendation: needs checkpoints and an MTBF (--mtbf-hours, or observed faults)")
+    for line in format_goodput(g):
+        console.print(line)
     typer.echo(json.dumps(g))
 
 
@@ -354,7 +323,7 @@ def chat_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or
              provider: str = typer.Option("cpu"), max_tokens: int = typer.Option(256),
              temperature: float = typer.Option(0.7), seed: int = typer.Option(0)):
     """Chat with a model in the terminal; tokens stream as they are sampled."""
-    from keel.chat import chat
+    from keel.serve.chat import chat
     from keel.rollout import SamplingParams
     from keel.serve.backends import load_backend
 
@@ -363,11 +332,29 @@ def chat_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or
     chat(b, tokenizer, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
 
+def _flag_hint(field: str | None, argv: list[str]) -> str:
+    """" (--flag)" for the config field `field` where the invoked command has a flag for
+    it (a task option: -o KEY=VALUE), else "". The library names fields; only the CLI knows flags."""
+    if not field:
+        return ""
+    command = typer.main.get_command(app)
+    for arg in argv:
+        sub = getattr(command, "commands", {}).get(arg)  # typer may vendor click: no isinstance
+        if sub is None and not arg.startswith("-"):
+            break
+        command = sub or command
+    flags = {p.name: [o for o in p.opts if o.startswith("--")] for p in command.params}
+    group, _, key = field.rpartition(".")
+    if group == "task_options" and "option" in flags:
+        return f" (-o {key}=VALUE)"
+    return f" ({flags[field][0]})" if flags.get(field) else ""
+
+
 def main() -> None:
     try:
         rc = app(standalone_mode=False)  # non-standalone click returns a typer.Exit's code
     except KeelError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {e}{_flag_hint(e.field, sys.argv[1:])}", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))

@@ -13,12 +13,54 @@ import yaml
 
 from keel.errors import KeelError
 
-LOSSES = ("grpo", "dr_grpo", "dapo", "gspo")
 
 
-def _require(ok: bool, msg: str) -> None:
+def _require(ok: bool, msg: str, field: str | None = None) -> None:
     if not ok:
-        raise KeelError(msg)
+        raise KeelError(msg, field=field)
+
+
+RATIO_LEVELS = ("token", "sequence")
+AGGREGATIONS = ("sequence_mean", "token_mean", "budget")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One member of the GRPO family, as published. All share one clipped surrogate,
+    -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A); this says how they differ.
+    rl/losses.py holds the math for each ratio level and aggregation; the trainer reads the rest."""
+    eps_low: float                     # clip range below 1
+    eps_high: float                    # and above 1 (DAPO's "clip-higher" raises it)
+    ratio: str = "token"               # token | sequence (GSPO: exp of the mean token log-ratio)
+    aggregation: str = "sequence_mean"  # sequence_mean: each sequence's token mean, then the mean over
+    #                                     sequences | token_mean: over every token of the batch |
+    #                                     budget: sum / (sequences x max_new_tokens), Dr. GRPO's constant
+    scale_by_std: bool = True          # advantage (r - mean) / std in the group, or r - mean (Dr. GRPO)
+    dynamic_sampling: bool = False     # default of RLConfig.dynamic_sampling: refill groups without signal
+    overlong_fraction: float = 0.0     # default of RLConfig.overlong_cache, as a share of max_new_tokens
+
+    def __post_init__(self):
+        _require(0 <= self.eps_low < 1 and 0 <= self.eps_high < 1, "loss: eps_low and eps_high must be in [0, 1)")
+        _require(self.ratio in RATIO_LEVELS, f"loss: ratio must be one of {', '.join(RATIO_LEVELS)}")
+        _require(self.aggregation in AGGREGATIONS, f"loss: aggregation must be one of {', '.join(AGGREGATIONS)}")
+        _require(0 <= self.overlong_fraction < 1, "loss: overlong_fraction must be in [0, 1)")
+
+
+# The losses `rl` knows, each as its paper has it. GSPO's per-sequence ratios stay much closer to 1
+# than token ratios, hence a clip range three orders of magnitude smaller. Adding a loss is one
+# line here (and, for a new ratio level or aggregation, its math in rl/losses.py).
+LOSSES = {
+    "grpo":    LossSpec(0.2, 0.2),
+    "dr_grpo": LossSpec(0.2, 0.2, aggregation="budget", scale_by_std=False),
+    "dapo":    LossSpec(0.2, 0.28, aggregation="token_mean", dynamic_sampling=True, overlong_fraction=0.25),
+    "gspo":    LossSpec(3e-4, 4e-4, ratio="sequence"),
+}  # fmt: skip
+
+
+def get_loss(name: str) -> LossSpec:
+    """The published spec of loss `name`; KeelError naming the known ones otherwise."""
+    _require(name in LOSSES, f"rl: unknown loss {name!r}: choose one of {', '.join(LOSSES)}", "loss")
+    return LOSSES[name]
 
 
 @dataclass(frozen=True)
@@ -110,7 +152,7 @@ class RLConfig:
     """RL from verifiable rewards with the GRPO family."""
     task: str = "arithmetic"
     task_options: dict = field(default_factory=dict)
-    loss: str = "grpo"           # grpo | dr_grpo | dapo | gspo
+    loss: str = "grpo"           # a name in LOSSES: grpo | dr_grpo | dapo | gspo
     steps: int = 60              # rollout batches
     prompts_per_step: int = 8    # distinct prompts per rollout batch, over all ranks: each samples its share
     group_size: int = 8          # samples per prompt; advantages compare within a group
@@ -139,7 +181,7 @@ class RLConfig:
     distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
-        _require(self.loss in LOSSES, f"rl: unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        get_loss(self.loss)
         _require(self.group_size >= 2, f"rl: group_size must be >= 2 (got {self.group_size}): "
                  "GRPO's advantage compares samples of the same prompt")
         _require(self.steps >= 1 and self.prompts_per_step >= 1 and self.updates_per_batch >= 1,
@@ -155,6 +197,25 @@ class RLConfig:
             _require(v is None or 0 <= v < 1, f"rl: {name} must be in [0, 1)")
         _require(self.overlong_cache is None or 0 <= self.overlong_cache < self.max_new_tokens,
                  "rl: overlong_cache must be in [0, max_new_tokens)")
+
+    @property
+    def loss_spec(self) -> LossSpec:
+        """The loss as published, with this run's clip range where it sets one."""
+        spec = get_loss(self.loss)
+        return dataclasses.replace(spec, eps_low=spec.eps_low if self.eps_low is None else self.eps_low,
+                                   eps_high=spec.eps_high if self.eps_high is None else self.eps_high)
+
+    @property
+    def dynamic_sampling_on(self) -> bool:
+        """Whether groups without signal are dropped and refilled: as set, else the loss's default."""
+        return get_loss(self.loss).dynamic_sampling if self.dynamic_sampling is None else self.dynamic_sampling
+
+    @property
+    def overlong_tokens(self) -> int:
+        """DAPO's soft overlong buffer in tokens: as set, else the loss's share of max_new_tokens."""
+        if self.overlong_cache is not None:
+            return self.overlong_cache
+        return int(get_loss(self.loss).overlong_fraction * self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -192,6 +253,13 @@ class DemoConfig:
     def stage(self, name: str):
         """A stage's config with the demo's task."""
         return dataclasses.replace(getattr(self, name), task=self.task, task_options=self.task_options)
+
+    def on_device(self, device: str | None) -> "DemoConfig":
+        """The demo with every stage on `device` (None: as configured)."""
+        if not device:
+            return self
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), device=device)
+                                            for s in ("sft", "rl", "eval")})
 
 
 def from_dict(cls, data: dict, where: str = "recipe"):
@@ -253,6 +321,25 @@ def load_recipe(path: str | Path, cls):
     except yaml.YAMLError as e:
         raise KeelError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     return from_dict(cls, data, where=path.name)
+
+
+def parse_link(spec: str) -> tuple[float, float]:
+    """"GBPS[,LATENCY_MS]" -> (link_gbps, link_latency_ms), e.g. "1,5" -> (1.0, 5.0)."""
+    gbps, _, latency = spec.partition(",")
+    try:
+        return float(gbps), float(latency or 0)
+    except ValueError:
+        raise KeelError(f"link {spec!r}: write GBPS[,LATENCY_MS], e.g. 1,5", field="link") from None
+
+
+def with_run_options(cfg, *, resume: bool = False, checkpoint_every: int | None = None, inject: str | None = None,
+                     sync: str | None = None, link: str | None = None):
+    """A training stage's `cfg` with the options every training run takes (None: keep the recipe's).
+    `link` ("GBPS[,LATENCY_MS]") simulates a network link of that speed."""
+    res = override(cfg.resilience, resume=resume or None, checkpoint_every=checkpoint_every, inject=inject)
+    gbps, latency = parse_link(link) if link else (None, None)
+    dist = override(cfg.distributed, sync=sync, link_gbps=gbps, link_latency_ms=latency)
+    return override(cfg, resilience=dataclasses.asdict(res), distributed=dataclasses.asdict(dist))
 
 
 def override(cfg, **changes):

@@ -19,7 +19,7 @@ from keel.models import init_model, save_model
 from keel.report import plot_run, write_json, write_markdown
 from keel.rl.trainer import rl
 from keel.runlog import RunLog, console, read_jsonl
-from keel.sft import sft
+from keel.train.sft import sft
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out: str | Path = "runs/demo") -> dict:

@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import torch
 
+from keel.completions import complete
 from keel.config import EvalConfig
 from keel.device import make_generator
-from keel.models import render_prompt, special_ids
-from keel.rl.advantages import pass_at_k
-from keel.rollout import SamplingParams, generate
+from keel.errors import KeelError
+from keel.rollout import SamplingParams
 from keel.runlog import progress
 from keel.tasks import get_task
 
 
-def _complete(model, tokenizer, prompts, params, batch_size, generator, advance):
-    eos, pad = special_ids(tokenizer)
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        out = generate(model, chunk, params, eos_id=eos, pad_id=pad, generator=generator)
-        texts += [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
-        advance(len(chunk))
-    return texts
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021).
+
+    pass@k = 1 - C(n-c, k) / C(n, k), evaluated as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never
+    forms the huge binomial coefficients.
+    """
+    if not 1 <= k <= n:
+        raise KeelError(f"pass@k needs 1 <= k <= n samples, got k={k}, n={n}; sample at least k completions")
+    assert 0 <= c <= n, f"correct count {c} outside [0, {n}]"
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    p_all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        p_all_wrong *= 1.0 - k / i
+    return 1.0 - p_all_wrong
 
 
 @torch.no_grad()
@@ -30,25 +36,24 @@ def evaluate(model, tokenizer, cfg: EvalConfig, task=None, samples: bool = True)
     problem at `cfg.temperature` give pass@k (unbiased estimator, n = k samples)."""
     task = task or get_task(cfg.task, **cfg.task_options)
     examples = task.examples("test", cfg.n, seed=cfg.seed)
-    prompts = [render_prompt(tokenizer, ex.question) for ex in examples]
-    device = next(model.parameters()).device
-    generator = make_generator(device, cfg.seed)
-    total = len(prompts) * (1 + (cfg.k if samples else 0))
+    questions = [ex.question for ex in examples]
+    reward = lambda text, i: task.reward(text, examples[i])
+    generator = make_generator(next(model.parameters()).device, cfg.seed)
+    total = len(questions) * (1 + (cfg.k if samples else 0))
     with progress("eval", total) as advance:
-        greedy = _complete(model, tokenizer, prompts, SamplingParams(0.0, 1.0, cfg.max_new_tokens),
-                           cfg.batch_size, generator, advance)
-        rewards = [task.reward(text, ex) for text, ex in zip(greedy, examples)]
+        greedy = complete(model, tokenizer, questions, SamplingParams(0.0, 1.0, cfg.max_new_tokens),
+                          generator=generator, reward=reward, batch_size=cfg.batch_size, advance=advance)
         result = {"n": len(examples),
-                  "pass@1": sum(r["correct"] for r in rewards) / len(examples),
-                  "format": sum(r["format"] for r in rewards) / len(examples)}
+                  "pass@1": sum(r["correct"] for r in greedy.scores) / len(examples),
+                  "format": sum(r["format"] for r in greedy.scores) / len(examples)}
         if samples:
-            repeated = [p for p in prompts for _ in range(cfg.k)]
-            sampled = _complete(model, tokenizer, repeated, SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens),
-                                cfg.batch_size, generator, advance)
-            correct = [task.reward(text, examples[i // cfg.k])["correct"] for i, text in enumerate(sampled)]
+            sampled = complete(model, tokenizer, questions, SamplingParams(cfg.temperature, 1.0, cfg.max_new_tokens),
+                               k=cfg.k, generator=generator, reward=reward, batch_size=cfg.batch_size,
+                               advance=advance)
+            correct = [r["correct"] for r in sampled.scores]
             per_problem = [int(sum(correct[i * cfg.k:(i + 1) * cfg.k])) for i in range(len(examples))]
             result[f"pass@{cfg.k}"] = sum(pass_at_k(cfg.k, c, cfg.k) for c in per_problem) / len(examples)
             result["sampled_accuracy"] = sum(correct) / len(correct)
     result["examples"] = [{"question": ex.question, "answer": ex.answer, "output": out}
-                          for ex, out in list(zip(examples, greedy))[:5]]
+                          for ex, out in list(zip(examples, greedy.texts))[:5]]
     return result

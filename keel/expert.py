@@ -22,18 +22,17 @@ from keel.config import ExpertIterationConfig
 from keel.device import pick_device
 from keel.errors import KeelError
 from keel.evaluate import evaluate
-from keel.label import per_question, label_file, read_rows
+from keel.io import atomic_write
+from keel.label import label_file, per_question, read_rows
 from keel.models import load_model, save_model
 from keel.report import plot, write_json
 from keel.runlog import RunLog, console, read_jsonl
-from keel.sft import sft
+from keel.train.sft import sft
 from keel.tasks import get_task
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def expert_iteration(cfg: ExpertIterationConfig, model_dir: str | Path, out: str | Path,
@@ -41,7 +40,7 @@ def expert_iteration(cfg: ExpertIterationConfig, model_dir: str | Path, out: str
     """One round of expert iteration on `model_dir`; the fine-tuned model goes to OUT/model."""
     out = Path(out)
     if (out / "model").exists():
-        raise KeelError(f"{out}/model already exists: pass a new --out, or delete it to run again")
+        raise KeelError(f"{out}/model already exists: pass a new out, or delete it to run again", field="out")
     if device:
         cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), device=device)
                                           for s in ("label", "sft", "eval")})
@@ -107,6 +106,4 @@ def _write_markdown(report: dict, plots: list[Path], path: Path) -> None:
         f"Test pass@1 changed by **{report['gain_pass@1'] * 100:+.1f} points**.", "",
     ]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, "\n".join(lines) + "\n")

@@ -14,6 +14,8 @@ sliding window, ...). For anything else (sliding windows, linear attention, shar
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
@@ -57,6 +59,11 @@ class PreallocatedLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.capacity
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument: transformers 5.x renamed `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def preallocated_cache(model: torch.nn.Module, capacity: int) -> Cache | None:

@@ -7,10 +7,8 @@ tokenizer) that transformers loads without keel.
 
 from __future__ import annotations
 
-import os
 import shutil
 import string
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from keel.errors import KeelError
+from keel.io import publish_folder, temp_folder
 
 PAD, EOS, UNK = "<|pad|>", "<|eos|>", "<|unk|>"
 # R1 tags are single tokens: a character-level model then spends its capacity on the reasoning,
@@ -57,9 +56,10 @@ def init_model(arch: str = "qwen3", layers: int = 4, hidden: int = 128, seed: in
                max_positions: int = 512):
     """A small randomly initialised causal LM of a real HF architecture, and its tokenizer."""
     if arch not in ARCHS:
-        raise KeelError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
+        raise KeelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}", field="arch")
     if layers < 1 or hidden < 32 or hidden % 32:
-        raise KeelError(f"--layers must be >= 1 and --hidden a multiple of 32 (got {layers}, {hidden})")
+        raise KeelError(f"layers must be >= 1 and hidden a multiple of 32 (got {layers}, {hidden})",
+                        field="layers" if layers < 1 else "hidden")
     tokenizer = build_tokenizer()
     import transformers
 
@@ -117,26 +117,14 @@ def save_model(model, tokenizer, out: str | Path) -> Path:
     """Write `out` as an HF directory, atomically: a reader sees the old directory or the new
     one, never half of one."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        publish(tmp, out)
+        publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """fsync every file of the finished folder `tmp`, then swap it in for `out`."""
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
 
 
 def special_ids(tokenizer) -> tuple[int, int]:

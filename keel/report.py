@@ -1,15 +1,30 @@
-"""Plots and run reports: PNGs for people, JSON for machines."""
+"""Plots and run reports: PNGs for people, JSON for machines; and a run's goodput.
+
+Goodput: how much of a run's wall time went into useful steps, and how often to checkpoint.
+Useful time is the step time of the steps that survived into metrics.jsonl; checkpointing is the
+time the loop was blocked writing checkpoints; the rest of the wall time was lost to faults
+(recomputed steps, restarts, start-up). The recommended interval is the Young/Daly optimum
+sqrt(2 * MTBF * C), with C the measured blocking cost of one checkpoint.
+
+Distributed runs add what rank 0 sent (`comm_bytes`), the time it spent in collectives, and with
+a simulated link (`--simulate-link`) the wall time the run would have taken on it: measured wall
+time, minus the time in collectives here, plus the time those bytes take on the simulated link.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+from keel.errors import KeelError
+from keel.io import atomic_path, atomic_write  # noqa: E402
+from keel.runlog import read_jsonl  # noqa: E402
 
 # (file name, title, metric keys to draw on the same axes)
 RL_PLOTS = [
@@ -51,11 +66,12 @@ def plot(rows: list[dict], keys: list[str], title: str, path: Path, smooth: int 
 
 def save_figure(fig, path: Path) -> Path:
     """Write a PNG atomically and free the figure."""
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:  # the temporary name keeps .png: savefig picks the format by it
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -70,9 +86,7 @@ def plot_run(rl_rows: list[dict], sft_rows: list[dict], out: Path) -> list[Path]
 
 
 def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_markdown(report: dict, plots: list[Path], path: Path) -> None:
@@ -95,6 +109,62 @@ def write_markdown(report: dict, plots: list[Path], path: Path) -> None:
     lines += ["", "## Sample outputs after RL", ""]
     for ex in rl.get("examples", []):
         lines.append(f"- `{ex['question']}` (answer {ex['answer']}): `{ex['output']}`")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+FAULTS = ("restart", "rollback", "hang", "corrupt_checkpoint")
+
+
+def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
+    """The goodput of the run folder `out` (see the module docstring); `mtbf_hours` overrides
+    the mean time between failures observed in its events."""
+    out = Path(out)
+    if not (out / "events.jsonl").is_file():
+        raise KeelError(f"{out} has no events.jsonl: pass the out folder of a keel run", field="out")
+    events, rows = read_jsonl(out / "events.jsonl"), read_jsonl(out / "metrics.jsonl")
+    times = [e["time"] for e in events if "time" in e]
+    wall = (max(times) - min(times)) if times else 0.0
+    useful = sum(r.get("step_s") or 0.0 for r in rows if not r.get("skipped"))
+    blocking = [e["seconds"] for e in events if e["event"] == "checkpoint_blocking"]
+    checkpointing = sum(blocking)
+    faults = {kind: sum(e["event"] == kind for e in events) for kind in FAULTS}
+    n_faults = faults["restart"] + faults["rollback"]
+    observed_mtbf = wall / n_faults if n_faults else None
+    mtbf_s = mtbf_hours * 3600 if mtbf_hours else observed_mtbf
+    cost = sum(blocking) / len(blocking) if blocking else None
+    step_s = useful / max(1, sum(1 for r in rows if r.get("step_s")))
+    interval_s = math.sqrt(2 * mtbf_s * cost) if mtbf_s and cost else None
+    comm_s = sum(r.get("comm_s") or 0.0 for r in rows)
+    link_s = sum(r.get("link_s") or 0.0 for r in rows) if any("link_s" in r for r in rows) else None
+    return {
+        "comm_bytes": sum(r.get("comm_bytes") or 0 for r in rows), "comm_s": comm_s,
+        "simulated_wall_s": None if link_s is None else wall - comm_s + link_s,
+        "wall_s": wall, "useful_s": useful, "checkpoint_s": checkpointing,
+        "lost_s": max(0.0, wall - useful - checkpointing),
+        "goodput": useful / wall if wall else None,
+        "useful_steps": sum(1 for r in rows if not r.get("skipped")),
+        "skipped_steps": sum(1 for r in rows if r.get("skipped")),
+        "faults": faults, "mtbf_s": mtbf_s, "mtbf_observed": mtbf_hours is None and observed_mtbf is not None,
+        "checkpoint_cost_s": cost, "mean_step_s": step_s,
+        "recommended_interval_s": interval_s,
+        "recommended_interval_steps": max(1, round(interval_s / step_s)) if interval_s and step_s else None,
+    }
+
+
+def format_goodput(g: dict) -> list[str]:
+    """The lines `keel report` prints for a `goodput` result, for people."""
+    fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.1f}{unit}"  # noqa: E731
+    lines = [f"wall {fmt(g['wall_s'])}  useful {fmt(g['useful_s'])}  checkpointing {fmt(g['checkpoint_s'])}  "
+             f"lost to faults {fmt(g['lost_s'])}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}",
+             f"steps: {g['useful_steps']} useful, {g['skipped_steps']} skipped; faults: {g['faults']}"]
+    if g["comm_bytes"]:
+        lines.append(f"communication: {g['comm_bytes'] / 1e6:.1f} MB sent by rank 0, {fmt(g['comm_s'])} in collectives"
+                     + (f"; on the simulated link the run would take {fmt(g['simulated_wall_s'])}"
+                        if g["simulated_wall_s"] is not None else ""))
+    if g["recommended_interval_s"]:
+        source = "observed" if g["mtbf_observed"] else "given"
+        lines.append(f"checkpoint every {g['recommended_interval_steps']} steps (~{g['recommended_interval_s']:.0f}s): "
+                     f"sqrt(2 x MTBF {g['mtbf_s']:.0f}s ({source}) x cost {g['checkpoint_cost_s']:.3f}s)")
+    else:
+        lines.append("no interval recommendation: needs checkpoints and an MTBF (mtbf_hours, or observed faults)")
+    return lines

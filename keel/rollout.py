@@ -26,7 +26,6 @@ scorer's to float rounding, which the RL importance ratios assume.
 from __future__ import annotations
 
 import functools
-import inspect
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -35,8 +34,8 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
-from keel.kvcache import preallocated_cache
-from keel.rl.losses import entropy_BT, token_logprobs
+from keel.kvcache import cache_kwarg, preallocated_cache
+from keel.logprobs import entropy_BT, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -70,11 +69,6 @@ class Rollout:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """Name of the KV-cache argument: transformers 5.x renamed `past_key_values` to `cache`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _check_ids(model: torch.nn.Module, ids: Tensor, what: str) -> None:
@@ -199,7 +193,7 @@ def _generate(model, prompts, params, eos_id, pad_id, generator, stop_ids, devic
     _check_ids(model, ids_BP, "prompts (or pad_id)")
     P = ids_BP.shape[1]
     stop_S = torch.tensor(sorted({eos_id, *stop_ids}), dtype=torch.long, device=device)
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
 
     # Everything the steps need is made once and sliced per step: the mask of all P + N columns
     # (new tokens are real, so ones), each row's positions for the new tokens, the outputs, and

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from keel.io import atomic_write
 
 console = Console(stderr=True)
 
@@ -49,9 +50,7 @@ class RunLog:
                 continue
             if row.get("stage") != stage or row.get("step", 0) <= step:
                 keep.append(line + "\n")
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(keep))
         self._metrics = open(path, "a")
 
     def event(self, kind: str, **fields) -> None:

@@ -48,6 +48,11 @@ def init_world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def main_process() -> bool:
+    """True on torchrun's rank 0, and in a plain single-process run (even outside a process group)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def elastic_restart() -> bool:
     """True in a group torchrun restarted after a failure: such a run resumes by itself."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0

@@ -18,14 +18,13 @@ import io
 import json
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from keel.errors import KeelError
-from keel.models import publish
+from keel.io import publish_folder, temp_folder
 from keel.serve.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
 
 OPSET = 18
@@ -62,8 +61,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
     example = _example(layers, kv_heads, head_dim, torch_dtype)
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         # The exporter prints progress and warnings meant for its own developers; keep them off
         # the user's terminal unless the export fails.
@@ -93,7 +91,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
         if check and dtype != "bf16":
             meta["check_max_abs_logit_diff"] = check_export(TorchBackend(model, "cpu", dtype), OrtBackend(tmp))
             (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
-        publish(tmp, out)
+        publish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta

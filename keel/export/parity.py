@@ -16,7 +16,6 @@ rules themselves are what is checked.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from keel.config import ParityConfig
 from keel.errors import KeelError
+from keel.io import atomic_write
 from keel.rollout import SamplingParams
 from keel.serve.batching import generate
 
@@ -180,7 +180,8 @@ def run_parity(model_dir: str | Path, reference: str, candidates: list[str], out
     from keel.models import check_model_dir
 
     if not candidates:
-        raise KeelError("no --candidate given: pass e.g. --candidate onnxruntime:cpu:fp32")
+        raise KeelError("no candidate backend given: name at least one, e.g. onnxruntime:cpu:fp32",
+                        field="candidates")
     check_model_dir(model_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,5 @@ def run_parity(model_dir: str | Path, reference: str, candidates: list[str], out
     result = parity(ref, [build_backend(c, model_dir, out) for c in candidates], tokenizer, cfg)
     fails = check(result, ref.name, cfg)
     result["failed"] = fails
-    tmp = out / ".parity.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out / "parity.json")
+    atomic_write(out / "parity.json", json.dumps(result, indent=1))
     return result, fails

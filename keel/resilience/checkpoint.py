@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from keel.io import publish_folder
+
 FILES = ("tensors.safetensors", "state.json")
 
 
@@ -33,14 +35,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def flatten(tree: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -69,12 +63,7 @@ def write(folder: Path, step: int, flat: dict[str, torch.Tensor], state: dict) -
     (tmp / "state.json").write_text(json.dumps(state))
     manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-    for name in (*FILES, "manifest.json"):
-        _fsync(tmp / name)
-    if final.exists():  # a rollback re-reached this step: replace the old copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(folder)
+    publish_folder(tmp, final)  # fsyncs the files; a rollback that re-reached this step replaces the old copy
     return final
 
 

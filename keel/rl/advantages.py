@@ -68,20 +68,3 @@ def overlong_penalty(lengths_B: torch.Tensor, max_len: int, cache_len: int) -> t
     ramp_B = (free_len - lengths_B) / cache_len
     penalty_B = torch.where(lengths_B <= free_len, torch.zeros_like(ramp_B), ramp_B)
     return torch.where(lengths_B > max_len, torch.full_like(ramp_B, -1.0), penalty_B)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021).
-
-    pass@k = 1 - C(n-c, k) / C(n, k), evaluated as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never
-    forms the huge binomial coefficients.
-    """
-    if not 1 <= k <= n:
-        raise KeelError(f"pass@k needs 1 <= k <= n samples, got k={k}, n={n}; sample at least k completions")
-    assert 0 <= c <= n, f"correct count {c} outside [0, {n}]"
-    if n - c < k:  # every k-subset contains a correct sample
-        return 1.0
-    p_all_wrong = 1.0
-    for i in range(n - c + 1, n + 1):
-        p_all_wrong *= 1.0 - k / i
-    return 1.0 - p_all_wrong

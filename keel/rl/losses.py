@@ -1,51 +1,18 @@
-"""Per-token log-probabilities and the clipped policy-gradient losses of the GRPO family.
+"""The clipped policy-gradient loss of the GRPO family, as pure math.
 
-All four kinds share one PPO-style surrogate, -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
-They differ only in
+Every loss shares one PPO-style surrogate, -min(ratio * A, clip(ratio, 1-eps_low, 1+eps_high) * A).
+A `LossSpec` (keel/config.py, one per loss) picks
   (a) the level of the importance ratio: per token, or per sequence (GSPO's geometric mean), and
-  (b) how per-token losses are aggregated into one number.
-The table _KINDS below spells out both for each kind.
+  (b) how per-token losses are aggregated into one number;
+the functions for both live here, keyed by the spec's names.
 """
 
 from typing import Callable
 
 import torch
 
+from keel.config import AGGREGATIONS, RATIO_LEVELS, LossSpec
 from keel.errors import KeelError
-
-
-def token_logprobs(
-    logits_BTV: torch.Tensor, tokens_BT: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """log_softmax(logits / temperature) at the given tokens, in fp32.
-
-    Computed as logit[token] - logsumexp(logits), one sequence at a time, so the fp32 copy of the
-    (often bf16) logits exists for one row of T x V at a time instead of the whole batch.
-    The temperature must match the one used for sampling, or the ratios are off from the start.
-    """
-    if temperature <= 0:
-        raise KeelError(f"temperature must be > 0 to score tokens, got {temperature}; use the sampling temperature")
-    rows = []
-    for logits_TV, tokens_T in zip(logits_BTV, tokens_BT):
-        logits_TV = logits_TV.float() / temperature
-        picked_T = logits_TV.gather(-1, tokens_T.long().unsqueeze(-1)).squeeze(-1)
-        rows.append(picked_T - torch.logsumexp(logits_TV, dim=-1))
-    return torch.stack(rows)
-
-
-def entropy_BT(logits_BTV: torch.Tensor) -> torch.Tensor:
-    """Entropy of each next-token distribution, in fp32 (one sequence at a time, as above)."""
-    rows = []
-    for logits_TV in logits_BTV:
-        logp_TV = torch.log_softmax(logits_TV.float(), dim=-1)
-        rows.append(-(logp_TV.exp() * logp_TV).sum(dim=-1))
-    return torch.stack(rows)
-
-
-# Default clip ranges (eps_low, eps_high) as published. DAPO raises the upper bound ("clip-higher")
-# so low-probability tokens can grow; GSPO's ratios are per-sequence geometric means, which stay
-# much closer to 1, hence ranges three orders of magnitude smaller.
-LOSS_EPS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
 
 
 # ---- aggregation: per-token losses (B, T) -> scalar --------------------------------------------
@@ -66,7 +33,8 @@ def _mean_over_tokens(loss_BT, mask_BT, norm_len):
 def _sum_over_budget(loss_BT, mask_BT, norm_len):
     """Sum over real tokens / (B * generation budget): a constant normaliser, free of length bias (Dr. GRPO)."""
     if norm_len is None:
-        raise KeelError("the dr_grpo loss needs norm_len (the generation budget, max new tokens); pass it")
+        raise KeelError("the budget aggregation (dr_grpo) needs norm_len, the generation budget (max new tokens)",
+                        field="norm_len")
     return loss_BT.sum() / (loss_BT.shape[0] * norm_len)
 
 
@@ -84,13 +52,20 @@ def _sequence_log_ratio(log_ratio_BT, mask_BT):
 
 Aggregate = Callable[[torch.Tensor, torch.Tensor, int | None], torch.Tensor]
 
-#            kind       ratio level           aggregation
-_KINDS: dict[str, tuple[Callable, Aggregate]] = {
-    "grpo":    (_token_log_ratio,    _mean_per_sequence),
-    "dr_grpo": (_token_log_ratio,    _sum_over_budget),
-    "dapo":    (_token_log_ratio,    _mean_over_tokens),
-    "gspo":    (_sequence_log_ratio, _mean_per_sequence),  # loss_i is constant over its tokens
-}  # fmt: skip
+_RATIO_LEVEL: dict[str, Callable] = {"token": _token_log_ratio, "sequence": _sequence_log_ratio}
+_AGGREGATE: dict[str, Aggregate] = {
+    "sequence_mean": _mean_per_sequence,  # GSPO's loss_i is constant over its tokens: a sequence mean
+    "token_mean": _mean_over_tokens,
+    "budget": _sum_over_budget,
+}
+assert tuple(_RATIO_LEVEL) == RATIO_LEVELS and tuple(_AGGREGATE) == AGGREGATIONS
+
+
+def batch_units(spec: LossSpec, mask_BT: torch.Tensor) -> float:
+    """How many units the loss averages over: real tokens for a token mean, sequences otherwise.
+    A rank that weighs its loss by its share of the global batch's units gets, summed over ranks,
+    the gradient of the loss over the whole batch."""
+    return float(mask_BT.sum().item()) if spec.aggregation == "token_mean" else float(mask_BT.shape[0])
 
 
 def policy_loss(
@@ -99,9 +74,7 @@ def policy_loss(
     adv_B: torch.Tensor,
     mask_BT: torch.Tensor,
     *,
-    kind: str,
-    eps_low: float,
-    eps_high: float,
+    spec: LossSpec,
     norm_len: int | None = None,
     ref_logp_BT: torch.Tensor | None = None,
     beta: float = 0.0,
@@ -114,17 +87,18 @@ def policy_loss(
     With a reference, beta * k3 KL (exp(ref - logp) - (ref - logp) - 1, unbiased and >= 0) is added
     per token before aggregation. Sequences without real tokens contribute zero, never NaN.
 
-    stats: clip_frac (share of tokens, or of sequences for gspo, where the clipped term is the one
+    norm_len is the generation budget (max new tokens), which the "budget" aggregation divides by.
+
+    stats: clip_frac (share of tokens, or of sequences for a sequence-level ratio, where the clipped term is the one
     the min picks: ratio above 1+eps_high with A > 0 or below 1-eps_low with A < 0), kl (mean k3
-    over real tokens; 0.0 without a reference), ratio_mean (over real tokens, or sequences for gspo).
+    over real tokens; 0.0 without a reference), ratio_mean (over real tokens, or sequences).
     """
-    if kind not in _KINDS:
-        raise KeelError(f"unknown loss kind {kind!r}; choose one of {', '.join(_KINDS)}")
     if beta > 0 and ref_logp_BT is None:
         raise KeelError(f"a KL penalty (beta={beta}) needs reference log-probs; pass ref_logp_BT or set beta=0")
     assert logp_BT.shape == old_logp_BT.shape == mask_BT.shape, (logp_BT.shape, old_logp_BT.shape, mask_BT.shape)
     assert adv_B.shape == logp_BT.shape[:1], (adv_B.shape, logp_BT.shape)
-    log_ratio_level, aggregate = _KINDS[kind]
+    log_ratio_level, aggregate = _RATIO_LEVEL[spec.ratio], _AGGREGATE[spec.aggregation]
+    eps_low, eps_high = spec.eps_low, spec.eps_high
 
     mask_BT = mask_BT.bool()
     fmask_BT = mask_BT.float()

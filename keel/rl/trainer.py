@@ -3,8 +3,9 @@
 One step: draw `prompts_per_step` training prompts, sample `group_size` completions of each,
 score them with the task's verifier, turn rewards into group-relative advantages, then take
 `updates_per_batch` optimizer steps on that batch with old log-probs held fixed. The variants
-(GRPO, Dr. GRPO, DAPO, GSPO) differ only in the advantage scaling, the clip range, the loss
-aggregation (all in rl/advantages.py and rl/losses.py) and DAPO's sampling rules (here).
+(GRPO, Dr. GRPO, DAPO, GSPO) are each one `LossSpec` (keel/config.py): advantage scaling, clip
+range, ratio level, aggregation and which sampling rules are on. This loop reads the spec and
+never asks which loss it runs.
 """
 
 from __future__ import annotations
@@ -16,23 +17,24 @@ from pathlib import Path
 
 import torch
 
+from keel.completions import complete
 from keel.config import EvalConfig, RLConfig
 from keel.device import autocast, make_generator, pick_device
 from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
-from keel.models import render_prompt, special_ids
+from keel.models import special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
-from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
-from keel.rl.losses import LOSS_EPS, policy_loss
-from keel.rollout import SamplingParams, completion_logprobs, generate
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.loop import run
 from keel.resilience.state import (load_model_state, load_optimizer_state, model_state, optimizer_state,
                                    rng_state, set_rng_state)
+from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
+from keel.rl.losses import batch_units, policy_loss
+from keel.rollout import SamplingParams, completion_logprobs
 from keel.tasks import get_task
+from keel.train.loop import train_loop
 
 TRAIN_POOL = 4096  # distinct training prompts drawn from a generated task
 RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride: its own stream, rank 0's as in one process
@@ -69,8 +71,9 @@ def train_prompts(task, seed: int) -> list:
             n //= 2
 
 
-class Trainer:
-    """Under torchrun each rank samples `prompts_per_step / ranks` prompts per step from its own
+class RLTrainer:
+    """RL with one loss of the GRPO family; the shared training loop drives it (train/loop.py).
+    Under torchrun each rank samples `prompts_per_step / ranks` prompts per step from its own
     shard of the prompt pool, with its own sampling seed."""
 
     def __init__(self, model, tokenizer, cfg: RLConfig):
@@ -84,39 +87,33 @@ class Trainer:
                             f"of ranks ({ranks})")
         self.prompts_per_rank = cfg.prompts_per_step // ranks
         self.task = get_task(cfg.task, **cfg.task_options)
-        self.eos_id, self.pad_id = special_ids(tokenizer)
+        _, self.pad_id = special_ids(tokenizer)
         self.prompts = Epochs(train_prompts(self.task, cfg.seed)[rank::ranks], cfg.seed)
         self.generator = make_generator(self.device, cfg.seed + RANK_SEED_STRIDE * rank)
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.ref = None
         if cfg.beta > 0:  # the frozen initial policy for the KL term
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.eps_low, self.eps_high = LOSS_EPS[cfg.loss]
-        self.eps_low = cfg.eps_low if cfg.eps_low is not None else self.eps_low
-        self.eps_high = cfg.eps_high if cfg.eps_high is not None else self.eps_high
-        self.dynamic = cfg.dynamic_sampling if cfg.dynamic_sampling is not None else cfg.loss == "dapo"
-        self.overlong = cfg.overlong_cache if cfg.overlong_cache is not None else (
-            cfg.max_new_tokens // 4 if cfg.loss == "dapo" else 0)
+        self.loss = cfg.loss_spec
+        self.dynamic = cfg.dynamic_sampling_on
+        self.overlong = cfg.overlong_tokens
         self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.step_idx = 0
 
     # -- rollouts ----------------------------------------------------------------------------
     def _rollout(self, examples) -> Batch:
-        G = self.cfg.group_size
-        prompts = [render_prompt(self.tokenizer, ex.question) for ex in examples for _ in range(G)]
         with autocast(self.device, self.cfg.dtype):
-            out = generate(self.model, prompts, self.sampling, eos_id=self.eos_id, pad_id=self.pad_id,
-                           generator=self.generator, compile=self.cfg.compile)
-        scores = [self.task.reward(self.tokenizer.decode(t, skip_special_tokens=True), examples[i // G])
-                  for i, t in enumerate(out.tokens)]
-        correct = torch.tensor([s["correct"] for s in scores])
-        fmt = torch.tensor([s["format"] for s in scores])
+            out = complete(self.model, self.tokenizer, [ex.question for ex in examples], self.sampling,
+                           k=self.cfg.group_size, generator=self.generator,
+                           reward=lambda text, i: self.task.reward(text, examples[i]), compile=self.cfg.compile)
+        correct = torch.tensor([s["correct"] for s in out.scores])
+        fmt = torch.tensor([s["format"] for s in out.scores])
         rewards = correct + self.cfg.format_weight * fmt
         if self.overlong:
             # An unfinished completion ran past the budget: DAPO's "> L_max" regime.
             lengths = torch.tensor([len(t) + (0 if f else 1) for t, f in zip(out.tokens, out.finished)])
             rewards = rewards + overlong_penalty(lengths, self.cfg.max_new_tokens, self.overlong)
-        return Batch(prompts, out.tokens, rewards, correct, fmt, torch.tensor(out.finished), len(prompts),
+        return Batch(out.prompts, out.tokens, rewards, correct, fmt, torch.tensor(out.finished), len(out.prompts),
                      out.logprobs)
 
     def collect(self) -> Batch:
@@ -172,7 +169,7 @@ class Trainer:
             grad_norm, _ = guarded_update(self.model, self.optimizer, zero, cfg.grad_clip, injector,
                                           self.step_idx + 1, self.sync)
             return {"grad_norm": grad_norm, "tokens": 0}
-        adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=cfg.loss != "dr_grpo")
+        adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=self.loss.scale_by_std)
         adv_B = adv_B.to(self.device)
         self.model.train()
         old_logp = ref_logp = None
@@ -192,12 +189,10 @@ class Trainer:
         for _ in range(cfg.updates_per_batch):
             logp, mask, entropy = self._logprobs(self.model, batch, with_entropy=True)
             loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv_B, mask,
-                                      kind=cfg.loss, eps_low=self.eps_low, eps_high=self.eps_high,
-                                      norm_len=cfg.max_new_tokens, ref_logp_BT=ref_logp, beta=cfg.beta)
-            # Weighted so that the ranks' averaged gradient is that of the loss over all their
-            # sequences (or tokens, for DAPO's token-level mean).
-            units = mask.sum().item() if cfg.loss == "dapo" else len(batch.completions)
-            grad_norm, applied = guarded_update(self.model, self.optimizer, loss * self.sync.share(units),
+                                      spec=self.loss, norm_len=cfg.max_new_tokens, ref_logp_BT=ref_logp, beta=cfg.beta)
+            # Weighted so that the ranks' averaged gradient is that of the loss over all their units.
+            share = self.sync.share(batch_units(self.loss, mask))
+            grad_norm, applied = guarded_update(self.model, self.optimizer, loss * share,
                                                 cfg.grad_clip, injector, self.step_idx + 1, self.sync)
             skipped += not applied
         self.model.eval()
@@ -246,5 +241,6 @@ class Trainer:
 
 def rl(model, tokenizer, cfg: RLConfig, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:
     """Train `model` in place with RL; metrics and checkpoints go to `out`."""
-    trainer = Trainer(model, tokenizer, cfg)
-    return run(trainer, out, cfg.resilience, cfg.steps, "rl", after_step=lambda row: trainer.evaluate_every(row, eval_cfg))
+    trainer = RLTrainer(model, tokenizer, cfg)
+    return train_loop(trainer, out, cfg.resilience, cfg.steps, "rl",
+                      after_step=lambda row: trainer.evaluate_every(row, eval_cfg))

@@ -3,6 +3,10 @@
 Routes: GET /v1/models, POST /v1/chat/completions and /v1/completions (plain JSON or server-sent
 events with "stream": true), GET /health, GET /metrics (Prometheus text).
 
+This module owns the app and its routes only: what is served (`ServedModel`), the exception
+handlers, the auth and body-parsing glue, `serve` and `background_server`. Building engine
+requests and OpenAI responses is `keel.serve.openai`'s; the counters are `keel.serve.metrics`'.
+
 Every failure a client can cause gets the OpenAI error object with a 4xx status: 400 for a body
 that is not JSON, a missing or mistyped field, a value out of range or a prompt that does not fit
 the context; 401 for a wrong API key; 404 for an unknown model or route; 413 for a body over the
@@ -13,47 +17,32 @@ on the engine's next step.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
-import random
 import threading
 import time
-import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.config import ServeConfig
 from keel.errors import KeelError
-from keel.rollout import SamplingParams
-from keel.serve.batching import Engine, Request
+from keel.serve.batching import Engine
+from keel.serve.metrics import CountStatus, ServeMetrics
+from keel.serve.openai import (ApiError, Generation, RequestBuilder, chat_chunks, chat_completion_object,
+                               chat_opening, chat_reply, completion_chunks, completion_object, completion_prompt_ids,
+                               completion_reply, read_body, render_messages, streaming_response)
 from keel.serve.schemas import ChatCompletionRequest, CompletionRequest, describe, error_body
-from keel.serve.text import THINK_OPEN, TextStream, render_chat
+from keel.serve.text import THINK_OPEN, TextStream
 
 log = logging.getLogger("keel.serve")
 ROUTES = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics")
-
-
-class ApiError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=headers)
 
 
 @dataclass
@@ -83,101 +72,18 @@ def make_served(backend, tokenizer, cfg: ServeConfig, name: str) -> ServedModel:
     from keel.models import special_ids
 
     if cfg.max_context > backend.max_context:
-        raise KeelError(f"--max-context {cfg.max_context} exceeds the model's {backend.max_context} positions")
+        raise KeelError(f"max_context {cfg.max_context} exceeds the model's {backend.max_context} positions: "
+                        f"set it to at most {backend.max_context} (0 uses the model's)", field="max_context")
     eos, _ = special_ids(tokenizer)
     return ServedModel(name, backend, tokenizer, Engine(backend, eos_id=eos, max_batch=cfg.max_batch),
                        cfg.max_context or backend.max_context)
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- glue
 
 
-class _Metrics:
-    def __init__(self):
-        self.status = Counter()            # (path, status) -> responses
-        self.latency_sum, self.latency_n = 0.0, 0
-        self.ttft_sum, self.ttft_n = 0.0, 0
-        self.lock = threading.Lock()
-
-    def render(self, engine: Engine) -> str:
-        s = engine.stats
-        lines = ["# TYPE keel_http_responses_total counter"]
-        lines += [f'keel_http_responses_total{{path="{p}",status="{c}"}} {n}' for (p, c), n in sorted(self.status.items())]
-        gauges = {"keel_requests_running": engine.running, "keel_requests_waiting": engine.waiting}
-        counters = {"keel_requests_admitted_total": s.admitted, "keel_requests_finished_total": s.finished,
-                    "keel_requests_cancelled_total": s.cancelled, "keel_prompt_tokens_total": s.prompt_tokens,
-                    "keel_generation_tokens_total": s.generated_tokens, "keel_decode_steps_total": s.decode_steps,
-                    "keel_decode_rows_total": s.decode_rows}
-        for name, v in gauges.items():
-            lines += [f"# TYPE {name} gauge", f"{name} {v}"]
-        for name, v in counters.items():
-            lines += [f"# TYPE {name} counter", f"{name} {v}"]
-        for name, total, n in (("keel_request_seconds", self.latency_sum, self.latency_n),
-                               ("keel_time_to_first_token_seconds", self.ttft_sum, self.ttft_n)):
-            lines += [f"# TYPE {name} summary", f"{name}_sum {total:.6f}", f"{name}_count {n}"]
-        return "\n".join(lines) + "\n"
-
-
-class _CountStatus:
-    """ASGI middleware counting responses by route and status, for /metrics."""
-
-    def __init__(self, app, metrics: _Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"] if scope["path"] in ROUTES else "other"
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start":
-                with self.metrics.lock:
-                    self.metrics.status[(path, message["status"])] += 1
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
-
-async def _read_body(request: HttpRequest, limit: int) -> bytes:
-    too_big = ApiError(413, f"the request body is over the server's limit of {limit} bytes", "request_too_large")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
-
-
-def _render_chat(tokenizer, messages) -> str:
-    try:
-        return render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
-    except KeelError as e:
-        raise ApiError(400, str(e), "invalid_messages", "messages") from None
-
-
-# ----------------------------------------------------------------------------- the app
-
-
-def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI:
-    """The FastAPI app. Its lifespan starts the engine's thread and stops it on shutdown."""
-    metrics = _Metrics()
-    seeds = random.Random(cfg.seed)
-    seeds_lock = threading.Lock()
-    tok = served.tokenizer
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        served.engine.start()
-        try:
-            yield
-        finally:
-            served.engine.stop()
-
-    app = FastAPI(title="keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_CountStatus, metrics=metrics)
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI error object, FastAPI's own ones included."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -197,117 +103,53 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
         log.exception("internal error")
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
 
-    def auth(request: HttpRequest) -> None:
-        if not cfg.api_key:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, key = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), cfg.api_key.encode()):
-            raise ApiError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", "invalid_api_key")
 
-    async def parse(request: HttpRequest, schema):
-        auth(request)
-        body = await _read_body(request, cfg.max_body_bytes)
+def _auth(request: HttpRequest, api_key: str) -> None:
+    """401 unless the request carries `api_key` as a bearer token (any request, when it is "")."""
+    if not api_key:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken must not tell how much of a guessed key was right
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), api_key.encode()):
+        raise ApiError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", "invalid_api_key")
+
+
+async def _parse(request: HttpRequest, schema, cfg: ServeConfig, model_name: str):
+    """The authorised, size-checked, validated body, for the model this server serves."""
+    _auth(request, cfg.api_key)
+    raw = await read_body(request, cfg.max_body_bytes)
+    try:
+        body = schema.model_validate_json(raw)
+    except ValidationError as e:
+        message, param = describe(e)
+        raise ApiError(400, message, "invalid_value", param) from None
+    if body.model != model_name:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                       "model_not_found", "model")
+    return body
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI:
+    """The FastAPI app. Its lifespan starts the engine's thread and stops it on shutdown."""
+    metrics = ServeMetrics()
+    requests = RequestBuilder(served.context, served.backend.vocab_size, served.backend.device,
+                              cfg.default_max_tokens, cfg.seed)
+    tok = served.tokenizer
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        served.engine.start()
         try:
-            req = schema.model_validate_json(body)
-        except ValidationError as e:
-            message, param = describe(e)
-            raise ApiError(400, message, "invalid_value", param) from None
-        if req.model != served.name:
-            raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {served.name!r}",
-                           "model_not_found", "model")
-        return req
-
-    def make_request(body, prompt: list[int]) -> Request:
-        P = len(prompt)
-        if P == 0:
-            raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
-        if P >= served.context:
-            raise ApiError(400, f"the prompt has {P} tokens but the model's context is {served.context} tokens",
-                           "context_length_exceeded", "messages")
-        max_tokens = body.max_tokens if body.max_tokens is not None else min(cfg.default_max_tokens, served.context - P)
-        if P + max_tokens > served.context:
-            raise ApiError(400, f"prompt ({P} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
-                           f"{served.context} tokens; lower max_tokens", "context_length_exceeded", "max_tokens")
-        if min(prompt) < 0 or max(prompt) >= served.backend.vocab_size:
-            raise ApiError(400, f"the prompt has a token id outside [0, {served.backend.vocab_size})", "invalid_value", "prompt")
-        temperature = 1.0 if body.temperature is None else body.temperature
-        params = SamplingParams(temperature, 1.0 if body.top_p is None else body.top_p, max_tokens)
-        generator = None
-        if temperature > 0:
-            if body.seed is None:
-                with seeds_lock:
-                    seed = seeds.getrandbits(63)
-            else:
-                seed = body.seed
-            generator = torch.Generator(device=served.backend.device)
-            generator.manual_seed(seed % 2**63)
-        return Request(prompt, params, generator)
-
-    def submit(req: Request) -> tuple[asyncio.Queue, float]:
-        """Queue `req` on the engine; its tokens (then None) arrive on the returned queue. Done
-        before any response starts, so a refusal is still a clean 400."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def put(item):
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        req.on_token = lambda r, t: put(t)
-        req.on_done = lambda r: put(None)
-        try:
-            served.engine.submit(req)
-        except KeelError as e:
-            raise ApiError(400, str(e), "invalid_value") from None
-        return queue, time.monotonic()
-
-    async def run(request: HttpRequest, req: Request, ticket, stream: TextStream, usage: dict):
-        """Yield (reasoning delta, content delta, finish_reason or None) until `req` ends; `usage`
-        is filled in at the end."""
-        queue, start = ticket
-        ids: list[int] = []
-        try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        req.cancel()
-                        return
-                    continue
-                if item is None:
-                    if req.finish_reason == "error":
-                        raise RuntimeError(f"generation failed: {req.error}")
-                    if req.finish_reason == "cancelled":
-                        return
-                    d_r, d_c, _ = stream.push(ids, final=True)
-                    yield d_r, d_c, req.finish_reason
-                    break
-                ids.append(item)
-                if len(ids) == 1:
-                    with metrics.lock:
-                        metrics.ttft_sum += time.monotonic() - start
-                        metrics.ttft_n += 1
-                d_r, d_c, stopped = stream.push(ids)
-                if stopped:  # a stop string: end here, the engine drops the row
-                    req.cancel()
-                    yield d_r, d_c, "stop"
-                    break
-                if d_r or d_c:
-                    yield d_r, d_c, None
+            yield
         finally:
-            req.cancel()  # no-op when finished; frees the slot when the client went away
-            with metrics.lock:
-                metrics.latency_sum += time.monotonic() - start
-                metrics.latency_n += 1
-            usage.update(prompt_tokens=len(req.prompt), completion_tokens=len(ids),
-                         total_tokens=len(req.prompt) + len(ids))
+            served.engine.stop()
 
-    def sse(obj) -> str:
-        import json
-
-        return f"data: {json.dumps(obj)}\n\n"
+    app = FastAPI(title="keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(CountStatus, metrics=metrics, routes=ROUTES)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -319,86 +161,32 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
 
     @app.get("/v1/models")
     async def models(request: HttpRequest):
-        auth(request)
+        _auth(request, cfg.api_key)
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "keel",
                                             "max_model_len": served.context}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
-        body = await parse(request, ChatCompletionRequest)
-        text = _render_chat(tok, body.messages)
-        req = make_request(body, tok.encode(text, add_special_tokens=False))
+        body = await _parse(request, ChatCompletionRequest, cfg, served.name)
+        text = render_messages(tok, body.messages)
+        req = requests.build(body, tok.encode(text, add_special_tokens=False))
+        # a template that opens the think block itself: the model's first tokens are reasoning
         stream = TextStream(tok, body.stop_list(), in_think=text.rstrip().endswith(THINK_OPEN))
-        ticket = submit(req)
-        rid, created, usage = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), {}
-
-        def chunk(delta, finish=None):
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
+        gen, reply = Generation.submit(served.engine, req, stream, metrics), chat_reply(served.name)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events():
-                yield sse(chunk({"role": "assistant", "content": ""}))
-                async for d_r, d_c, finish in run(request, req, ticket, stream, usage):
-                    delta = {}
-                    if d_r:
-                        delta["reasoning_content"] = d_r
-                    if d_c:
-                        delta["content"] = d_c
-                    if delta:
-                        yield sse(chunk(delta))
-                    if finish:
-                        yield sse(chunk({}, finish))
-                if include_usage:
-                    yield sse({**chunk({}), "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        finish = None
-        async for _, _, f in run(request, req, ticket, stream, usage):
-            finish = f or finish
-        message = {"role": "assistant", "content": stream.sent_content}
-        if stream.sent_reasoning:
-            message["reasoning_content"] = stream.sent_reasoning
-        return {"id": rid, "object": "chat.completion", "created": created, "model": served.name,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                "usage": usage}
+            return streaming_response(request, gen, reply, chat_chunks, include_usage=body.include_usage(),
+                                      opening=[chat_opening(reply)])
+        return chat_completion_object(reply, gen, await gen.finish_reason(request))
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        body = await parse(request, CompletionRequest)
-        prompt = body.prompt
-        if isinstance(prompt, list) and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        ids = tok.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
-        req = make_request(body, ids)
+        body = await _parse(request, CompletionRequest, cfg, served.name)
+        req = requests.build(body, completion_prompt_ids(tok, body.prompt))
         stream = TextStream(tok, body.stop_list(), reasoning=False)
-        ticket = submit(req)
-        rid, created, usage = f"cmpl-{uuid.uuid4().hex}", int(time.time()), {}
-
-        def choice(text, finish=None):
-            return {"id": rid, "object": "text_completion", "created": created, "model": served.name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
+        gen, reply = Generation.submit(served.engine, req, stream, metrics), completion_reply(served.name)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events():
-                async for _, d_c, finish in run(request, req, ticket, stream, usage):
-                    yield sse(choice(d_c, finish))
-                if include_usage:
-                    yield sse({**choice(""), "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-        finish = None
-        async for _, _, f in run(request, req, ticket, stream, usage):
-            finish = f or finish
-        return {**choice(stream.sent_content, finish), "usage": usage}
+            return streaming_response(request, gen, reply, completion_chunks, include_usage=body.include_usage())
+        return completion_object(reply, gen, await gen.finish_reason(request))
 
     return app
 

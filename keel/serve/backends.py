@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
+from keel.kvcache import cache_kwarg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ONNX_FILE, ONNX_META = "model.onnx", "keel_onnx.json"
@@ -50,7 +51,7 @@ class Backend(Protocol):
 
 def check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
-        raise KeelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise KeelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}", field="dtype")
     return DTYPES[dtype]
 
 
@@ -70,7 +71,7 @@ class KVModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self.layers = model.config.num_hidden_layers
-        self.cache_kw = _cache_kwarg(model)
+        self.cache_kw = cache_kwarg(model)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]):
         from transformers import DynamicCache
@@ -82,12 +83,6 @@ class KVModel(torch.nn.Module):
         cache = out.cache if self.cache_kw == "cache" else out.past_key_values
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return out.logits, present
-
-
-def _cache_kwarg(model) -> str:
-    from keel.rollout import _cache_kwarg as kw
-
-    return kw(model)
 
 
 class TorchBackend:
@@ -132,9 +127,10 @@ class OrtBackend:
         available = ort.get_available_providers()
         if full not in available:
             raise KeelError(f"ONNX Runtime provider {provider!r} is not available here (have: {', '.join(available)}); "
-                            "install the onnxruntime build for your accelerator or pass --provider cpu")
+                            "install the onnxruntime build for your accelerator or set provider to cpu", field="provider")
         if self.meta["dtype"] == "bf16":
-            raise KeelError("the onnxruntime backend feeds numpy arrays, which have no bf16: export with --dtype fp16 or fp32")
+            raise KeelError("the onnxruntime backend feeds numpy arrays, which have no bf16: export with dtype fp16 or fp32",
+                            field="dtype")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

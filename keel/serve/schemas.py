@@ -1,7 +1,9 @@
-"""OpenAI-compatible request bodies (pydantic, strict: a string where a number belongs is an
-error, not a guess) and the error body every failure is returned in.
+"""The OpenAI wire format's data: request bodies (pydantic, strict: a string where a number belongs
+is an error, not a guess), the error body every failure is returned in, and one readable line for
+a validation error.
 
-Unknown fields are ignored, as OpenAI clients send many (user, logprobs, presence_penalty...)."""
+Unknown fields are ignored, as OpenAI clients send many (user, logprobs, presence_penalty...).
+Turning a body into an engine request and building responses is `keel.serve.openai`'s job."""
 
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ class _Sampling(_Body):
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk (OpenAI sends none unless asked)."""
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(_Sampling):

@@ -1,5 +1,7 @@
-"""From generated token ids to the text a client sees: incremental decoding, stop strings, and
-the split of R1-style output into `reasoning_content` (between think tags) and `content`.
+"""Text in and out of the model, shared by `keel serve` and `keel chat`: the chat template that
+turns messages into a prompt, and from generated token ids to the text a client sees
+(incremental decoding, stop strings, and the split of R1-style output into `reasoning_content`,
+between think tags, and `content`).
 
 Everything is recomputed from the full decoded text at each token and only the new suffix is
 sent, so a stream's deltas always add up to the non-streamed answer. Text that might still turn
@@ -11,7 +13,7 @@ from __future__ import annotations
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-def _held(text: str, tags: list[str]) -> int:
+def held_suffix(text: str, tags: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of one of `tags`."""
     best = 0
     for tag in tags:
@@ -33,7 +35,7 @@ def split_reasoning(text: str, in_think: bool = False, final: bool = True) -> tu
     if in_think:
         reasoning, sep, content = s.partition(THINK_CLOSE)
         if not sep:
-            return (reasoning if final else reasoning[:len(reasoning) - _held(reasoning, [THINK_CLOSE])]), ""
+            return (reasoning if final else reasoning[:len(reasoning) - held_suffix(reasoning, [THINK_CLOSE])]), ""
         return reasoning, content.lstrip()
     if not final and s and THINK_OPEN.startswith(s):
         return None, ""
@@ -61,7 +63,7 @@ class TextStream:
         text, stopped = cut_at_stop(text, self.stop)
         final = final or stopped
         if not final:
-            text = text[:len(text) - _held(text, self.stop)]
+            text = text[:len(text) - held_suffix(text, self.stop)]
         if self.reasoning:
             reasoning, content = split_reasoning(text, self.in_think, final)
         else:

@@ -1,13 +1,12 @@
 """What a task is: examples with reference answers, and a reward that checks a completion.
 
-Shared pieces live here too: the stable train/test split, seeded sampling of distinct questions,
-the numeric reward, and `get_task`, which turns a name or a file path into a task.
+Shared pieces live here too: the stable train/test split, seeded sampling of distinct questions
+and the numeric reward. `tasks/registry.py` turns a name or a file path into a task.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
@@ -122,30 +121,3 @@ def int_option(name: str, value, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise KeelError(f"task option {name}={value!r} must be an integer in [{lo}, {hi}]")
     return value
-
-
-def get_task(name: str, **options) -> Task:
-    """A task by name ("arithmetic", "countdown") or a local .jsonl/.parquet file (FileTask).
-    `options` are the task's keyword arguments (e.g. digits=3); None values mean "the default"."""
-    from keel.tasks.arithmetic import ArithmeticTask
-    from keel.tasks.countdown import CountdownTask
-    from keel.tasks.files import FileTask
-
-    builtins = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
-    if not isinstance(name, str):
-        raise KeelError(f"task must be a name or a file path, got {name!r}")
-    if name.lower().endswith((".jsonl", ".parquet")):
-        cls, args = FileTask, (name,)
-    elif name in builtins:
-        cls, args = builtins[name], ()
-    else:
-        raise KeelError(
-            f"unknown task {name!r}; use one of {', '.join(builtins)} or a path to a .jsonl/.parquet file"
-        )
-    params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "path")]
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise KeelError(
-            f"task {cls.__name__} has no option(s) {', '.join(unknown)}; its options are {', '.join(params)}"
-        )
-    return cls(*args, **{k: v for k, v in options.items() if v is not None})

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 
 from keel.errors import KeelError
+from keel.io import atomic_write
 from keel.tasks.base import Example, check_n, check_split, is_test, numeric_reward, split_rng
 
 
-def _read_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
+def read_dataset_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     """([(where, row)], column names) from a .jsonl or .parquet file, `where` being "line 3" or
     "row 3" for error messages; KeelError naming the file otherwise."""
     if not path.is_file():
@@ -48,7 +49,13 @@ def _read_rows(path: Path) -> tuple[list[tuple[str, dict]], list[str]]:
     return rows, list(columns)
 
 
-def _gsm8k_answer(text: str) -> str:
+def write_dataset(examples, path: str | Path) -> Path:
+    """Write examples as JSONL rows (question, answer, trace and task fields) that FileTask reads."""
+    return atomic_write(path, "".join(json.dumps(ex.to_row()) + "\n" for ex in examples))
+
+
+def gsm8k_final_answer(text: str) -> str:
+    """The part of a GSM8K-style answer after its last "####" (all of it when there is none)."""
     return text.rsplit("####", 1)[1].strip() if "####" in text else text.strip()
 
 
@@ -75,16 +82,14 @@ class FileTask:
             raise KeelError(f"test_fraction={test_fraction!r} must be a number in [0, 1), e.g. 0.1")
         self.test_fraction = float(test_fraction)
 
-        rows, columns = _read_rows(self.path)
+        rows, columns = read_dataset_rows(self.path)
         if not rows:
             raise KeelError(f"dataset file {self.path} has no rows; point the task at a non-empty file")
         for key, option in ((question_key, "question_key"), (answer_key, "answer_key")):
             if key not in columns:
-                flag = "--" + option.replace("_", "-")
                 raise KeelError(
                     f"{self.path} has no column {key!r} (columns: {', '.join(map(str, columns))}); "
-                    f"pass {option}=<column> ({flag})"
-                )
+                    f"name the column with the task option {option}", field=f"task_options.{option}")
 
         self._splits: dict[str, list[Example]] = {"train": [], "test": []}
         seen: set[str] = set()
@@ -93,7 +98,7 @@ class FileTask:
             if q is None or a is None or str(q).strip() == "" or str(a).strip() == "":
                 missing = question_key if q is None or str(q).strip() == "" else answer_key
                 raise KeelError(f"{self.path} {where} has no value for {missing!r}; fill it in or drop the row")
-            q, a = str(q), _gsm8k_answer(str(a))
+            q, a = str(q), gsm8k_final_answer(str(a))
             if q in seen:
                 continue
             seen.add(q)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from keel.config import DistributedConfig
 from keel.distributed import Comm, DiLoCo, Sync, World
-from keel.distributed.ranks import gather_state, rank_state
+from keel.resilience.ranks import gather_state, rank_state
 from keel.errors import KeelError
 from keel.resilience.faults import Fault, parse
 from tests.distributed import worker
@@ -72,7 +72,7 @@ def moved(before: dict, after: dict) -> float:
 
 def test_ddp_keeps_ranks_identical_and_matches_one_process_on_the_global_batch(ranks_out):
     import dataclasses
-    from keel.sft import Packed
+    from keel.train.sft import Packed
 
     r0, r1 = weights(ranks_out, "sft_ddp", 0), weights(ranks_out, "sft_ddp", 1)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
@@ -219,7 +219,7 @@ distributed: {sync: diloco, inner_steps: 3}
 
 def test_killed_rank_restarts_and_resumes_to_the_same_weights(tmp_path):
     from keel.models import save_model
-    from keel.resilience.loop import TIMING_KEYS
+    from keel.train.loop import TIMING_KEYS
     from keel.runlog import read_jsonl
 
     save_model(*worker.model(), tmp_path / "tiny")

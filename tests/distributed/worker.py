@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from keel.config import DistributedConfig, RLConfig, SFTConfig
 from keel.distributed import shutdown
 from keel.models import init_model, render_prompt, special_ids
-from keel.rl.trainer import Batch, Trainer
-from keel.sft import SFTTrainer, encode_traces, pack
+from keel.rl.trainer import Batch, RLTrainer
+from keel.train.sft import SFTTrainer, encode_traces, pack
 from keel.tasks import get_task
 
 STEPS = 3
@@ -55,10 +55,10 @@ def sft_trainer(distributed: DistributedConfig) -> SFTTrainer:
                                         lr=1e-3, warmup=0, grad_clip=NO_CLIP, device="cpu", distributed=distributed))
 
 
-def rl_trainer(distributed: DistributedConfig, sgd: bool = False) -> Trainer:
+def rl_trainer(distributed: DistributedConfig, sgd: bool = False) -> RLTrainer:
     m, tok = model()
-    trainer = Trainer(m, tok, RLConfig(task="arithmetic", task_options={"digits": 2}, group_size=4, prompts_per_step=4,
-                                       lr=1e-3, grad_clip=NO_CLIP, device="cpu", distributed=distributed))
+    trainer = RLTrainer(m, tok, RLConfig(task="arithmetic", task_options={"digits": 2}, group_size=4, prompts_per_step=4,
+                                         lr=1e-3, grad_clip=NO_CLIP, device="cpu", distributed=distributed))
     if sgd:
         trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     return trainer

@@ -90,6 +90,18 @@ def test_dataset_without_the_named_columns(tmp_path, tiny_model):
     assert not (tmp_path / "run").exists()
 
 
+def test_library_errors_name_the_flag_of_the_command_that_was_run(tmp_path, tiny_model):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1+1", "solution": "2"}) + "\n")
+    # keel sft has no --question-key: the column is a task option there
+    r = keel("sft", "--model", tiny_model, "--out", tmp_path / "run", "--task", data)
+    assert_one_line_error(r, "(-o question_key=VALUE)")
+    assert "--question-key" not in r.stderr
+    r = keel("label", "--model", tiny_model, "--questions", data, "--out", tmp_path / "l.jsonl")
+    assert_one_line_error(r, "(--question-key)")
+    assert not (tmp_path / "l.jsonl").exists()
+
+
 def test_unknown_task_and_bad_option(tmp_path):
     r = keel("data", "--task", "chess", "--out", tmp_path / "x.jsonl")
     assert_one_line_error(r, "chess")

@@ -15,7 +15,7 @@ from keel.config import EvalConfig, ExpertIterationConfig, LabelConfig, SFTConfi
 from keel.errors import KeelError
 from keel.label import LabelFiles, label_file, read_rows, write_rows
 from keel.models import init_model, save_model
-from keel.sft import sft
+from keel.train.sft import sft
 from keel.tasks import get_task
 from keel.tasks.verify import answers_match, extract_answer
 

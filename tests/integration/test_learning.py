@@ -9,9 +9,9 @@ import torch
 from keel.config import EvalConfig, RLConfig, SFTConfig
 from keel.evaluate import evaluate
 from keel.models import init_model
-from keel.rl.trainer import Trainer, rl
+from keel.rl.trainer import RLTrainer, rl
 from keel.runlog import read_jsonl
-from keel.sft import sft
+from keel.train.sft import sft
 
 TASK = {"digits": 2}
 EVAL = EvalConfig(task_options=TASK, n=100, max_new_tokens=32)
@@ -55,9 +55,9 @@ def test_grpo_raises_held_out_pass_at_1(sft_model, tmp_path):
 @pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_every_loss_trains_and_logs(sft_model, loss):
     model, tokenizer, *_ = sft_model
-    trainer = Trainer(copy.deepcopy(model), tokenizer,
-                      RLConfig(task_options=TASK, loss=loss, steps=2, max_new_tokens=32, beta=0.01,
-                               updates_per_batch=2, seed=2))
+    trainer = RLTrainer(copy.deepcopy(model), tokenizer,
+                        RLConfig(task_options=TASK, loss=loss, steps=2, max_new_tokens=32, beta=0.01,
+                                 updates_per_batch=2, seed=2))
     before = [p.detach().clone() for p in trainer.model.parameters()]
     row = trainer.step()
     for key in ("loss", "reward", "reward_correct", "reward_format", "accuracy", "response_length",
@@ -71,9 +71,9 @@ def test_several_updates_take_old_logprobs_from_the_sampler(sft_model):
     """The ratios' denominator is what the sampler recorded (through dynamic sampling's regrouping
     too): the same numbers a re-scoring forward gives, and one forward fewer per batch."""
     model, tokenizer, *_ = sft_model
-    trainer = Trainer(copy.deepcopy(model), tokenizer,
-                      RLConfig(task_options=TASK, loss="dapo", prompts_per_step=4, max_new_tokens=32,
-                               updates_per_batch=2, seed=3))
+    trainer = RLTrainer(copy.deepcopy(model), tokenizer,
+                        RLConfig(task_options=TASK, loss="dapo", prompts_per_step=4, max_new_tokens=32,
+                                 updates_per_batch=2, seed=3))
     batch = trainer.collect()
     assert batch.completions
     with torch.no_grad():
@@ -91,22 +91,22 @@ def test_several_updates_take_old_logprobs_from_the_sampler(sft_model):
 
 
 def test_rl_compile_option_reaches_the_rollout(sft_model, monkeypatch):
-    import keel.rl.trainer as T
+    import keel.completions as T  # where the trainer's rollouts call the sampler
 
     model, tokenizer, *_ = sft_model
     asked, real = [], T.generate
     # Record what the trainer asks for, then decode eagerly (real compiling is too slow for CI).
     monkeypatch.setattr(T, "generate", lambda *a, **k: asked.append(k["compile"]) or real(*a, **{**k, "compile": False}))
     for compile in (True, False):
-        Trainer(copy.deepcopy(model), tokenizer,
-                RLConfig(task_options=TASK, prompts_per_step=1, max_new_tokens=4, compile=compile)).collect()
+        RLTrainer(copy.deepcopy(model), tokenizer,
+                  RLConfig(task_options=TASK, prompts_per_step=1, max_new_tokens=4, compile=compile)).collect()
     assert asked == [True, False]
 
 
 def test_dapo_dynamic_sampling_keeps_only_groups_with_signal(sft_model):
     model, tokenizer, *_ = sft_model
-    trainer = Trainer(copy.deepcopy(model), tokenizer,
-                      RLConfig(task_options=TASK, loss="dapo", prompts_per_step=4, max_new_tokens=32, seed=3))
+    trainer = RLTrainer(copy.deepcopy(model), tokenizer,
+                        RLConfig(task_options=TASK, loss="dapo", prompts_per_step=4, max_new_tokens=32, seed=3))
     batch = trainer.collect()
     G = trainer.cfg.group_size
     groups = batch.rewards_B.view(-1, G)

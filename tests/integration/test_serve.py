@@ -212,7 +212,7 @@ def test_real_model_through_the_server():
 
 
 def test_chat_streams_reasoning_then_answer_and_keeps_history():
-    from keel.chat import chat
+    from keel.serve.chat import chat
 
     tok = build_tokenizer()
     lines = iter(["1+1", "", "/reset", "again", "/exit", "never read"])

@@ -2,9 +2,9 @@ import time
 
 import torch
 
+from keel.report import goodput
 from keel.resilience import checkpoint
 from keel.resilience.checkpoint import Checkpointer
-from keel.resilience.goodput import goodput
 from keel.runlog import RunLog, read_jsonl
 
 

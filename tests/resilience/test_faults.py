@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from keel.config import ResilienceConfig, RLConfig, SFTConfig
 from keel.models import init_model, load_model, save_model
 from keel.resilience import checkpoint
-from keel.resilience.loop import TIMING_KEYS
-from keel.rl.trainer import Trainer, rl
+from keel.train.loop import TIMING_KEYS
+from keel.rl.trainer import RLTrainer, rl
 from keel.runlog import read_jsonl
-from keel.sft import sft
+from keel.train.sft import sft
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = {"digits": 2}
@@ -113,8 +113,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(base, tmp_path):
     log = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert len(log) == 6
     m2, tok = load_model(base / "model")
-    trainer = Trainer(m2, tok, _rl_cfg(resume=True))
-    rows = __import__("keel.resilience.loop", fromlist=["run"]).run(
+    trainer = RLTrainer(m2, tok, _rl_cfg(resume=True))
+    rows = __import__("keel.train.loop", fromlist=["train_loop"]).train_loop(
         trainer, tmp_path / "run", trainer.cfg.resilience, 6, "rl")
     assert [r["step"] for r in rows] == [5, 6]  # resumed from step 4
     events = read_jsonl(tmp_path / "run" / "events.jsonl")
@@ -127,12 +127,12 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(base, tmp_path):
 
 def test_nonfinite_gradient_skips_the_update(base, tmp_path):
     m, tok = load_model(base / "model")
-    trainer = Trainer(m, tok, dataclasses.replace(_rl_cfg(inject="nan_grad@step=2"), updates_per_batch=1))
-    from keel.resilience.loop import run
+    trainer = RLTrainer(m, tok, dataclasses.replace(_rl_cfg(inject="nan_grad@step=2"), updates_per_batch=1))
+    from keel.train.loop import train_loop
 
     seen = {}
-    rows = run(trainer, tmp_path, trainer.cfg.resilience, 3, "rl",
-               after_step=lambda row: seen.setdefault(row["step"], [p.detach().clone() for p in m.parameters()]))
+    rows = train_loop(trainer, tmp_path, trainer.cfg.resilience, 3, "rl",
+                      after_step=lambda row: seen.setdefault(row["step"], [p.detach().clone() for p in m.parameters()]))
     assert rows[1]["skipped"] == "nonfinite" and "skipped" not in rows[0] and "skipped" not in rows[2]
     assert all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))  # step 2 changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))
@@ -175,14 +175,14 @@ def test_hang_watchdog_dumps_stacks_and_the_supervisor_restarts(base, tmp_path):
 
 def test_every_state_item_round_trips(base, tmp_path):
     m, tok = load_model(base / "model")
-    a = Trainer(m, tok, _rl_cfg())
+    a = RLTrainer(m, tok, _rl_cfg())
     a.step()
     a.step()
     tensors, state = a.state()
     path = checkpoint.write(tmp_path, a.step_idx, checkpoint.flatten(tensors), {"trainer": state})
     assert checkpoint.verify(path) is None
     m2, _ = load_model(base / "model")
-    b = Trainer(m2, tok, _rl_cfg())
+    b = RLTrainer(m2, tok, _rl_cfg())
     t2, s2 = checkpoint.read(path)
     b.load_state(t2, s2["trainer"])
     ta, sa = a.state()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from keel.errors import KeelError
-from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty, pass_at_k
+from keel.evaluate import pass_at_k
+from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
 
 
 def test_grpo_advantages_hand_values_with_bessel_std():

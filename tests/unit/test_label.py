@@ -11,7 +11,6 @@ from keel.label import (
     Label,
     LabelFiles,
     Question,
-    answer_key,
     apply_human,
     chunk_seed,
     decide,
@@ -29,6 +28,7 @@ from keel.label import (
     read_rows,
     recover,
     summarize,
+    vote_key,
     write_rows,
 )
 
@@ -40,12 +40,12 @@ def trace(answer, think="w"):
 # ----------------------------------------------------------------------------- votes
 
 
-def test_answer_key_canonicalises_numbers_and_text():
-    assert answer_key("1,000") == answer_key("1000") == answer_key("1000.0") == answer_key("$1000.") == "1000"
-    assert answer_key("0.5") == answer_key("1/2") == "1/2"
-    assert answer_key("-3") == "-3"
-    assert answer_key(" X + 1 ") == answer_key("x+1") == "x+1"
-    assert answer_key(None) is None and answer_key("  ") is None
+def test_vote_key_canonicalises_numbers_and_text():
+    assert vote_key("1,000") == vote_key("1000") == vote_key("1000.0") == vote_key("$1000.") == "1000"
+    assert vote_key("0.5") == vote_key("1/2") == "1/2"
+    assert vote_key("-3") == "-3"
+    assert vote_key(" X + 1 ") == vote_key("x+1") == "x+1"
+    assert vote_key(None) is None and vote_key("  ") is None
 
 
 def test_majority_vote_counts_over_all_k_samples():
@@ -222,7 +222,7 @@ def test_recover_refuses_damage_that_is_not_a_torn_tail(tmp_path):
     with pytest.raises(KeelError, match="line 2 is not a keel label row"):
         recover(f)
     f.write_text('{"question": "1+1", "answer": "2"}\n')  # a questions file given as --out
-    with pytest.raises(KeelError, match="pass a new --out"):
+    with pytest.raises(KeelError, match="pass a new out"):
         recover(f)
 
 

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from keel.errors import KeelError
-from keel.rl.losses import LOSS_EPS, entropy_BT, policy_loss, token_logprobs
+from keel.logprobs import entropy_BT, token_logprobs
+import dataclasses
+
+from keel.config import LOSSES, get_loss
+from keel.rl.losses import policy_loss
+
+def spec(kind: str, eps_low: float, eps_high: float):
+    """Loss `kind` as published, with the given clip range."""
+    return dataclasses.replace(get_loss(kind), eps_low=eps_low, eps_high=eps_high)
+
 
 PAD = 123.0  # garbage in padded positions; must never matter
 
@@ -31,12 +40,12 @@ SEQ1 = [0.8, 1.5]  # -min(-0.5, -0.8), -min(-1.5, -1.2)
 
 
 def test_published_default_clip_ranges():
-    assert LOSS_EPS == {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+    assert {name: (s.eps_low, s.eps_high) for name, s in LOSSES.items()} == {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
 
 
 def test_grpo_hand_value_and_stats():
     logp, old, adv, mask = make_batch()
-    loss, stats = policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2)
+    loss, stats = policy_loss(logp, old, adv, mask, spec=spec("grpo", 0.2, 0.2))
     # mean over each sequence's own tokens, then over the 2 sequences
     expected = ((-1.1 - 1.2 - 0.5) / 3 + (0.8 + 1.5) / 2) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-9)
@@ -56,7 +65,7 @@ def test_normalisers_differ_and_match_hand_values():
     got = {}
     for kind, expected in hand.items():
         logp, old, adv, mask = make_batch()
-        loss, _ = policy_loss(logp, old, adv, mask, kind=kind, eps_low=0.2, eps_high=0.2, norm_len=4)
+        loss, _ = policy_loss(logp, old, adv, mask, spec=spec(kind, 0.2, 0.2), norm_len=4)
         got[kind] = loss.item()
         assert got[kind] == pytest.approx(expected, rel=1e-9), kind
     assert len({round(v, 6) for v in got.values()}) == 3
@@ -64,7 +73,7 @@ def test_normalisers_differ_and_match_hand_values():
 
 def test_dapo_clip_higher_default():
     logp, old, adv, mask = make_batch()
-    loss, stats = policy_loss(logp, old, adv, mask, kind="dapo", eps_low=0.2, eps_high=0.28)
+    loss, stats = policy_loss(logp, old, adv, mask, spec=spec("dapo", 0.2, 0.28))
     # only the clipped-above token changes: -min(1.5, 1.28); ratio 1.5 with A < 0 stays unclipped
     expected = (-1.1 - 1.28 - 0.5 + 0.8 + 1.5) / 5
     assert loss.item() == pytest.approx(expected, rel=1e-9)
@@ -73,7 +82,7 @@ def test_dapo_clip_higher_default():
 
 def test_gradient_is_zero_on_clipped_tokens_and_hand_value_elsewhere():
     logp, old, adv, mask = make_batch()
-    loss, _ = policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2)
+    loss, _ = policy_loss(logp, old, adv, mask, spec=spec("grpo", 0.2, 0.2))
     loss.backward()
     # d(-r A)/d logp = -A r (since r = exp(logp - old)), divided by len_i and by B = 2
     expected = [
@@ -94,7 +103,7 @@ def test_gradient_at_ratio_one_is_minus_adv_over_length():
     }
     for kind, (g0, g1) in hand.items():
         logp.grad = None
-        loss, stats = policy_loss(logp, logp.detach(), adv, mask, kind=kind, eps_low=0.2, eps_high=0.2, norm_len=8)
+        loss, stats = policy_loss(logp, logp.detach(), adv, mask, spec=spec(kind, 0.2, 0.2), norm_len=8)
         loss.backward()
         want = torch.tensor([[g0, g0, g0], [g1, g1, 0.0]], dtype=torch.float64)
         torch.testing.assert_close(logp.grad, want, rtol=0, atol=1e-12, msg=kind)
@@ -107,9 +116,9 @@ def test_padded_values_do_not_matter(kind):
     results = []
     for pad_logp, pad_old in [(PAD, -PAD), (0.0, 0.0), (float("nan"), float("inf"))]:
         logp, old, adv, mask = make_batch(pad_logp, pad_old)
-        eps_low, eps_high = LOSS_EPS[kind]
+        eps_low, eps_high = LOSSES[kind].eps_low, LOSSES[kind].eps_high
         loss, stats = policy_loss(
-            logp, old, adv, mask, kind=kind, eps_low=eps_low, eps_high=eps_high, norm_len=4, ref_logp_BT=old, beta=0.1
+            logp, old, adv, mask, spec=spec(kind, eps_low, eps_high), norm_len=4, ref_logp_BT=old, beta=0.1
         )
         loss.backward()
         assert torch.isfinite(logp.grad).all()
@@ -120,7 +129,7 @@ def test_padded_values_do_not_matter(kind):
 
 def test_gspo_sequence_ratio_is_geometric_mean():
     logp, old, adv, mask = make_batch()
-    loss, stats = policy_loss(logp, old, adv, mask, kind="gspo", eps_low=3e-4, eps_high=4e-4)
+    loss, stats = policy_loss(logp, old, adv, mask, spec=spec("gspo", 3e-4, 4e-4))
     s0 = (1.1 * 1.5 * 0.5) ** (1 / 3)  # 0.938 < 1 - 3e-4 but A > 0: unclipped, loss -s0
     s1 = (0.5 * 1.5) ** (1 / 2)  # 0.866 < 1 - 3e-4 and A < 0: clipped, loss -min(-s1, -(1 - 3e-4))
     expected = (-s0 + (1 - 3e-4)) / 2
@@ -141,7 +150,7 @@ def test_gspo_clip_boundaries():
     logp = torch.stack([(s * 1.5).log(), (s / 1.5).log()], dim=1)
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
     loss, stats = policy_loss(
-        logp, torch.zeros_like(logp), adv, torch.ones(4, 2), kind="gspo", eps_low=3e-4, eps_high=4e-4
+        logp, torch.zeros_like(logp), adv, torch.ones(4, 2), spec=spec("gspo", 3e-4, 4e-4)
     )
     expected = (
         -1.0003  # inside the band
@@ -153,7 +162,7 @@ def test_gspo_clip_boundaries():
     assert stats["clip_frac"] == pytest.approx(2 / 4)
     # the same tokens under token-level grpo clip every token at eps 0.2 (ratios 1.5 and 0.667)
     _, token_stats = policy_loss(
-        logp, torch.zeros_like(logp), adv, torch.ones(4, 2), kind="grpo", eps_low=0.2, eps_high=0.2
+        logp, torch.zeros_like(logp), adv, torch.ones(4, 2), spec=spec("grpo", 0.2, 0.2)
     )
     assert token_stats["clip_frac"] == pytest.approx(4 / 8)  # 1.5 with A > 0, 0.667 with A < 0
 
@@ -181,14 +190,14 @@ def test_k3_kl_hand_values():
     for kind, expected in hand.items():
         logp, ref, adv, mask = _kl_batch()
         loss, stats = policy_loss(
-            logp, logp.detach(), adv, mask, kind=kind, eps_low=0.2, eps_high=0.2, ref_logp_BT=ref, beta=0.1
+            logp, logp.detach(), adv, mask, spec=spec(kind, 0.2, 0.2), ref_logp_BT=ref, beta=0.1
         )
         assert loss.item() == pytest.approx(expected, rel=1e-9), kind
         assert stats["kl"] == pytest.approx(all_tokens, rel=1e-9)
     # gradient of beta * k3 w.r.t. logp: beta * (1 - exp(ref - logp)), through the grpo mean
     logp, ref, adv, mask = _kl_batch()
     loss, _ = policy_loss(
-        logp, logp.detach(), adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2, ref_logp_BT=ref, beta=0.1
+        logp, logp.detach(), adv, mask, spec=spec("grpo", 0.2, 0.2), ref_logp_BT=ref, beta=0.1
     )
     loss.backward()
     assert logp.grad[0, 0].item() == pytest.approx(0.1 * (1 - 2) / (3 * 2))
@@ -198,9 +207,9 @@ def test_k3_kl_hand_values():
 
 def test_kl_is_zero_when_reference_equals_policy():
     logp, old, adv, mask = make_batch()
-    base, _ = policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2)
+    base, _ = policy_loss(logp, old, adv, mask, spec=spec("grpo", 0.2, 0.2))
     loss, stats = policy_loss(
-        logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2, ref_logp_BT=logp.detach(), beta=0.5
+        logp, old, adv, mask, spec=spec("grpo", 0.2, 0.2), ref_logp_BT=logp.detach(), beta=0.5
     )
     assert stats["kl"] == 0.0
     assert loss.item() == base.item()
@@ -209,15 +218,15 @@ def test_kl_is_zero_when_reference_equals_policy():
 def test_kl_without_reference_is_a_user_error():
     logp, old, adv, mask = make_batch()
     with pytest.raises(KeelError, match="ref_logp_BT"):
-        policy_loss(logp, old, adv, mask, kind="grpo", eps_low=0.2, eps_high=0.2, beta=0.1)
+        policy_loss(logp, old, adv, mask, spec=spec("grpo", 0.2, 0.2), beta=0.1)
 
 
 @pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_sequence_without_tokens_gives_no_nan(kind):
     logp, old, adv, _ = make_batch()
     mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
-    eps_low, eps_high = (0.2, 0.2) if kind != "gspo" else LOSS_EPS["gspo"]
-    loss, stats = policy_loss(logp, old, adv, mask, kind=kind, eps_low=eps_low, eps_high=eps_high, norm_len=4)
+    eps_low, eps_high = (0.2, 0.2) if kind != "gspo" else (LOSSES["gspo"].eps_low, LOSSES["gspo"].eps_high)
+    loss, stats = policy_loss(logp, old, adv, mask, spec=spec(kind, eps_low, eps_high), norm_len=4)
     loss.backward()
     hand = {
         "grpo": (sum(SEQ0) / 3 + 0.0) / 2,  # the empty sequence still counts in the mean over B
@@ -229,16 +238,16 @@ def test_sequence_without_tokens_gives_no_nan(kind):
     assert logp.grad[1].tolist() == [0.0, 0.0, 0.0]
     assert all(math.isfinite(v) for v in stats.values())
     # a batch without any real token: zero loss, not NaN
-    loss, stats = policy_loss(logp, old, adv, torch.zeros(2, 3), kind=kind, eps_low=0.2, eps_high=0.2, norm_len=4)
+    loss, stats = policy_loss(logp, old, adv, torch.zeros(2, 3), spec=spec(kind, 0.2, 0.2), norm_len=4)
     assert loss.item() == 0.0 and stats["clip_frac"] == 0.0
 
 
 def test_unknown_kind_and_missing_norm_len():
     logp, old, adv, mask = make_batch()
     with pytest.raises(KeelError, match="grpo, dr_grpo, dapo, gspo"):
-        policy_loss(logp, old, adv, mask, kind="ppo", eps_low=0.2, eps_high=0.2)
+        policy_loss(logp, old, adv, mask, spec=spec("ppo", 0.2, 0.2))
     with pytest.raises(KeelError, match="norm_len"):
-        policy_loss(logp, old, adv, mask, kind="dr_grpo", eps_low=0.2, eps_high=0.2)
+        policy_loss(logp, old, adv, mask, spec=spec("dr_grpo", 0.2, 0.2))
 
 
 def test_token_logprobs_hand_values_and_temperature():

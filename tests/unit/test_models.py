@@ -58,7 +58,7 @@ def test_load_errors_say_what_to_do(tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(KeelError, match="never unpickles"):
         load_model(pickled)
-    with pytest.raises(KeelError, match="unknown --arch"):
+    with pytest.raises(KeelError, match="unknown arch"):
         init_model("gpt5")
     with pytest.raises(KeelError, match="multiple of 32"):
         init_model("qwen3", hidden=50)

@@ -3,7 +3,7 @@
 import pytest
 
 from keel.models import build_tokenizer
-from keel.serve.text import TextStream, _held, cut_at_stop, render_chat, split_reasoning
+from keel.serve.text import TextStream, held_suffix, cut_at_stop, render_chat, split_reasoning
 
 
 @pytest.mark.parametrize("text, in_think, final, expected", [
@@ -20,12 +20,12 @@ def test_split_reasoning(text, in_think, final, expected):
     assert split_reasoning(text, in_think, final) == expected
 
 
-def test_cut_at_stop_and_held_suffix():
+def test_cut_at_stop_andheld_suffix_suffix():
     assert cut_at_stop("12+9=21\nnext", ["\n", "=2"]) == ("12+9", True)
     assert cut_at_stop("abc", ["x", ""]) == ("abc", False)
-    assert _held("answer: EN", ["END"]) == 2
-    assert _held("answer", ["END"]) == 0
-    assert _held("x</thi", ["</think>"]) == 5
+    assert held_suffix("answer: EN", ["END"]) == 2
+    assert held_suffix("answer", ["END"]) == 0
+    assert held_suffix("x</thi", ["</think>"]) == 5
 
 
 def test_stream_deltas_add_up_and_stop_strings_are_cut():

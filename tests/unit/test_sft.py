@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from keel.models import init_model
-from keel.sft import IGNORE, Batches, completion_loss, pack
+from keel.train.sft import IGNORE, Batches, completion_loss, pack
 
 
 def test_pack_labels_only_completions_and_restart_positions():

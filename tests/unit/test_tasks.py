@@ -295,7 +295,7 @@ def test_file_task_missing_column(tmp_path):
     with pytest.raises(KeelError) as e:
         FileTask(str(path))
     msg = str(e.value)
-    assert "d.jsonl" in msg and "'question'" in msg and "problem" in msg and "--question-key" in msg
+    assert "d.jsonl" in msg and "'question'" in msg and "problem" in msg and "task option question_key" in msg
 
 
 def test_file_task_missing_value_names_the_line(tmp_path):

@@ -36,7 +36,7 @@ def rank_state(tensors: dict, meta: dict, local: tuple[str, ...], rank: int, siz
     saved = meta.get("world_size", 1)
     if saved != size:
         raise KeelError(f"the checkpoint was written by {saved} rank(s) and this run has {size}: resume with "
-                        f"--nproc-per-node {saved} (times nodes), or start a fresh run")
+                        f"{saved} processes in all (as many as wrote it), or start a fresh run")
     if size == 1:
         return tensors, meta
     tensors = {g: t for g, t in tensors.items() if "@" not in g} | {

@@ -26,10 +26,10 @@ from keel.models import render_prompt, special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.loop import run
 from keel.resilience.state import (load_model_state, load_optimizer_state, model_state, optimizer_state,
                                    rng_state, set_rng_state)
 from keel.tasks import get_task
+from keel.train.loop import train_loop
 
 IGNORE = -100
 
@@ -118,7 +118,8 @@ def completion_loss(model, batch: Packed) -> tuple[torch.Tensor, int]:
 
 
 class SFTTrainer:
-    """One packed batch per step; state() holds everything needed to continue exactly.
+    """One packed batch per step, driven by the shared training loop (train/loop.py); state()
+    holds everything needed to continue exactly.
     Under torchrun each rank trains on its own shard of the traces, `batch_tokens / ranks` per step."""
 
     def __init__(self, model, tokenizer, cfg: SFTConfig):
@@ -178,6 +179,6 @@ class SFTTrainer:
 def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> list[dict]:
     """Train `model` in place; metrics and checkpoints go to `out`. Returns the metrics rows."""
     trainer = SFTTrainer(model, tokenizer, cfg)
-    rows = run(trainer, out, cfg.resilience, cfg.steps, "sft")
+    rows = train_loop(trainer, out, cfg.resilience, cfg.steps, "sft")
     model.eval()
     return rows

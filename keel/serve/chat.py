@@ -1,7 +1,8 @@
 """`keel chat`: talk to a model in the terminal, tokens streamed as they are sampled.
 
-It runs the serving engine in-process (no server): the same backends, template, sampler, stop
-rules and reasoning split as `keel serve`. Type /reset to start over, /exit (or Ctrl-D) to leave.
+Owns the terminal loop (commands, history, the context budget) and how a reply is printed. It
+runs the serving engine in-process (no server): the same backends, template, sampler, stop rules
+and reasoning split as `keel serve`. Type /reset to start over, /exit (or Ctrl-D) to leave.
 """
 
 from __future__ import annotations
@@ -59,19 +60,7 @@ def chat(backend, tokenizer, *, max_tokens: int = 256, temperature: float = 0.7,
             write("error: the conversation no longer fits the context; /reset to start over\n")
             continue
         stream = TextStream(tokenizer, in_think=text.rstrip().endswith(THINK_OPEN))
-        shown = {"reasoning": False}
-
-        def show(d_reasoning: str, d_content: str) -> None:
-            if d_reasoning:
-                if not shown["reasoning"]:
-                    write("(thinking) ")
-                    shown["reasoning"] = True
-                write(d_reasoning)
-            if d_content:
-                if shown["reasoning"] and shown["reasoning"] != "done":
-                    write("\n")
-                    shown["reasoning"] = "done"
-                write(d_content)
+        show = _ReplyPrinter(write)
 
         def on_token(req: Request, token: int) -> None:
             d_r, d_c, _ = stream.push(req.tokens)
@@ -85,3 +74,25 @@ def chat(backend, tokenizer, *, max_tokens: int = 256, temperature: float = 0.7,
         write("\n")
         messages.append({"role": "assistant", "content": stream.sent_content})
         replies += 1
+
+
+class _ReplyPrinter:
+    """Writes one reply's deltas as they come: reasoning after a "(thinking) " mark, then the
+    answer on a line of its own, so the two can be told apart without colours."""
+
+    def __init__(self, write: Callable[[str], None]):
+        self.write = write
+        self.thinking = False    # the "(thinking) " mark is out
+        self.answering = False   # the newline between reasoning and answer is out
+
+    def __call__(self, d_reasoning: str, d_content: str) -> None:
+        if d_reasoning:
+            if not self.thinking:
+                self.write("(thinking) ")
+                self.thinking = True
+            self.write(d_reasoning)
+        if d_content:
+            if self.thinking and not self.answering:
+                self.write("\n")
+                self.answering = True
+            self.write(d_content)

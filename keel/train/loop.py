@@ -1,10 +1,10 @@
-"""The resilient training loop shared by SFT and RL.
+"""The training loop SFT and RL share, with what unstable hardware needs around a step.
 
-A trainer exposes `step_idx`, `step(injector) -> metrics row`, `state() -> (tensors, json)` and
-`load_state(tensors, json)`. This loop adds what unstable hardware needs around it: resume from
-the newest good checkpoint, periodic atomic checkpoints, spike rollback, the hang watchdog, and
-fault injection. Everything the loop itself decides on (the spike window, the batches to skip)
-is part of the checkpoint, so a resumed run takes the same path as an uninterrupted one.
+A trainer (the `Trainer` protocol below: SFTTrainer, RLTrainer) takes one step at a time and can
+save and restore its state; this loop adds resume from the newest good checkpoint, periodic atomic
+checkpoints, spike rollback, the hang watchdog and fault injection. Everything the loop itself
+decides on (the spike window, the batches to skip) is part of the checkpoint, so a resumed run
+takes the same path as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from keel.config import ResilienceConfig
-from keel.distributed.ranks import gather_state, rank_state
+from keel.distributed import Sync
 from keel.distributed.world import elastic_restart
 from keel.resilience.checkpoint import Checkpointer, read
 from keel.resilience.faults import Injector
 from keel.resilience.guard import SpikeDetector, Watchdog
+from keel.resilience.ranks import gather_state, rank_state
 from keel.runlog import RunLog, progress, read_jsonl
 
 # Fields that measure the machine, not the run; they differ between a resumed run and an
@@ -28,11 +30,32 @@ from keel.runlog import RunLog, progress, read_jsonl
 TIMING_KEYS = {"tokens_per_s", "step_s", "rollout_s"}
 
 
+class Trainer(Protocol):
+    """What the loop asks of a trainer."""
+
+    step_idx: int  # steps taken; the loop runs until it reaches the stage's total
+    sync: Sync     # how ranks keep in step (a single process too): the loop's collectives go through it
+
+    def step(self, injector: Injector, apply: bool = True) -> dict:
+        """Take step `step_idx + 1` and return its metrics row; with apply=False draw the step's
+        data (keeping every stream where an applied step leaves it) without learning from it."""
+        ...
+
+    def state(self) -> tuple[dict, dict]:
+        """(tensor groups, JSON-able meta): everything needed to continue exactly."""
+        ...
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        """Restore what `state` returned."""
+        ...
+
+
 def fired_faults(out: Path) -> set[str]:
     return {e["fault"] for e in read_jsonl(Path(out) / "events.jsonl") if e.get("event") == "fault_injected"}
 
 
-def run(trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str, after_step=None) -> list[dict]:
+def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
+               after_step=None) -> list[dict]:
     """Train until `trainer.step_idx == total`. Under torchrun every rank runs this loop; rank 0
     writes the metrics, the checkpoints (with every rank's own state gathered in) and the progress
     bar, and runs `after_step` (evaluation); rank r keeps its events in OUT/rank<r>/."""

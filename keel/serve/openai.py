@@ -1,0 +1,301 @@
+"""OpenAI request/response building for `keel serve`: from a validated body to an engine request,
+and from the engine's tokens to the OpenAI objects a client reads.
+
+Owns: `ApiError` (a refusal with its status and OpenAI error fields), reading a body under the size
+limit, rendering chat messages, `RequestBuilder` (context and vocabulary checks, sampling
+parameters, the per-request seed), `Generation` (one request on the engine and the async stream
+of its text deltas), `Reply` and the chat-chunk / completion-choice builders, and the one SSE
+response both routes stream through. The routes themselves live in `keel.serve.app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from keel.errors import KeelError
+from keel.rollout import SamplingParams
+from keel.serve.batching import Engine, Request
+from keel.serve.metrics import ServeMetrics
+from keel.serve.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from keel.serve.text import TextStream, render_chat
+
+Delta = tuple[str, str, str | None]  # (reasoning delta, content delta, finish_reason or None)
+ToChunks = Callable[["Reply", str, str, str | None], list[dict]]  # how one delta becomes streamed chunks
+
+
+class ApiError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=headers)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes. The declared length is checked
+    first, and the stream is counted too, since a client may send no length or a false one."""
+    too_big = ApiError(413, f"the request body is over the server's limit of {limit} bytes", "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def render_messages(tokenizer, messages) -> str:
+    """The prompt text for chat `messages`; a template that rejects them is the client's 400."""
+    try:
+        return render_chat(tokenizer, [{"role": m.role, "content": m.text()} for m in messages])
+    except KeelError as e:
+        raise ApiError(400, str(e), "invalid_messages", "messages") from None
+
+
+def completion_prompt_ids(tokenizer, prompt: str | list[str] | list[int]) -> list[int]:
+    """Token ids of a completions prompt: a string, a one-string list, or ids as given."""
+    if isinstance(prompt, list) and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+
+
+class RequestBuilder:
+    """Turns a validated body and its prompt ids into an engine `Request` that fits the model.
+
+    Requests that bring no seed draw one from a generator seeded by the server's seed, so a
+    restarted server replays the same sequence; the lock keeps concurrent draws from sharing one."""
+
+    def __init__(self, context: int, vocab_size: int, device, default_max_tokens: int, seed: int):
+        self.context, self.vocab_size, self.device = context, vocab_size, device
+        self.default_max_tokens = default_max_tokens
+        self._seeds = random.Random(seed)
+        self._seeds_lock = threading.Lock()
+
+    def build(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Request:
+        max_tokens = self._max_tokens(body, prompt)
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ApiError(400, f"the prompt has a token id outside [0, {self.vocab_size})", "invalid_value", "prompt")
+        temperature = 1.0 if body.temperature is None else body.temperature
+        params = SamplingParams(temperature, 1.0 if body.top_p is None else body.top_p, max_tokens)
+        return Request(prompt, params, self._generator(body.seed) if temperature > 0 else None)
+
+    def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> int:
+        """The completion budget: the body's, or the default capped by what the context leaves."""
+        P, C = len(prompt), self.context
+        if P == 0:
+            raise ApiError(400, "the prompt is empty", "invalid_value", "prompt")
+        if P >= C:
+            raise ApiError(400, f"the prompt has {P} tokens but the model's context is {C} tokens",
+                           "context_length_exceeded", "messages")
+        max_tokens = body.max_tokens if body.max_tokens is not None else min(self.default_max_tokens, C - P)
+        if P + max_tokens > C:
+            raise ApiError(400, f"prompt ({P} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
+                           f"{C} tokens; lower max_tokens", "context_length_exceeded", "max_tokens")
+        return max_tokens
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        if seed is None:
+            with self._seeds_lock:
+                seed = self._seeds.getrandbits(63)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed % 2**63)
+        return generator
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class Generation:
+    """One request on the engine, from submission to its last token. Its tokens (then None) come
+    from the engine's thread onto an asyncio queue; `stream_deltas` turns them into text."""
+
+    def __init__(self, req: Request, text: TextStream, metrics: ServeMetrics, queue: asyncio.Queue, start: float):
+        self.req, self.text, self.metrics = req, text, metrics
+        self.usage: dict = {}   # OpenAI's usage object, filled in when the stream ends
+        self._queue, self._start = queue, start   # start: monotonic time of submission, for latency and TTFT
+
+    @classmethod
+    def submit(cls, engine: Engine, req: Request, text: TextStream, metrics: ServeMetrics) -> Generation:
+        """Queue `req` on the engine. Done before any response starts, so a refusal is still a
+        clean 400."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item):
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        req.on_token = lambda r, t: put(t)
+        req.on_done = lambda r: put(None)
+        try:
+            engine.submit(req)
+        except KeelError as e:
+            raise ApiError(400, str(e), "invalid_value") from None
+        return cls(req, text, metrics, queue, time.monotonic())
+
+    async def stream_deltas(self, request: HttpRequest) -> AsyncIterator[Delta]:
+        """Yield (reasoning delta, content delta, finish_reason or None) until the request ends.
+        The client's connection is polled while no token comes, so a client that left frees its
+        batch slot instead of waiting out its max_tokens."""
+        req, ids = self.req, []
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        req.cancel()
+                        return
+                    continue
+                if item is None:
+                    if req.finish_reason == "error":
+                        raise RuntimeError(f"generation failed: {req.error}")
+                    if req.finish_reason == "cancelled":
+                        return
+                    d_r, d_c, _ = self.text.push(ids, final=True)
+                    yield d_r, d_c, req.finish_reason
+                    break
+                ids.append(item)
+                if len(ids) == 1:
+                    self.metrics.observe_first_token(time.monotonic() - self._start)
+                d_r, d_c, stopped = self.text.push(ids)
+                if stopped:  # a stop string: end here, the engine drops the row
+                    req.cancel()
+                    yield d_r, d_c, "stop"
+                    break
+                if d_r or d_c:
+                    yield d_r, d_c, None
+        finally:
+            req.cancel()  # no-op when finished; frees the slot when the client went away
+            self.metrics.observe_request(time.monotonic() - self._start)
+            self.usage.update(prompt_tokens=len(req.prompt), completion_tokens=len(ids),
+                              total_tokens=len(req.prompt) + len(ids))
+
+    async def finish_reason(self, request: HttpRequest) -> str | None:
+        """Run the request to its end without streaming; its text is then in `self.text`."""
+        finish = None
+        async for _, _, f in self.stream_deltas(request):
+            finish = f or finish
+        return finish
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What every object of one response carries: its id, creation time and model, and the
+    "object" name of its streamed chunks."""
+
+    id: str
+    created: int
+    model: str
+    chunk_object: str
+
+    @classmethod
+    def start(cls, id_prefix: str, chunk_object: str, model: str) -> Reply:
+        return cls(f"{id_prefix}-{uuid.uuid4().hex}", int(time.time()), model, chunk_object)
+
+    def chunk(self, part: dict, finish: str | None = None, object_: str | None = None) -> dict:
+        """An object with one choice; `part` is the choice's payload (delta, message or text)."""
+        return {**self._envelope(object_),
+                "choices": [{"index": 0, **part, "logprobs": None, "finish_reason": finish}]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        """The last streamed chunk when the client asked for usage: no choices, only the counts."""
+        return {**self._envelope(), "choices": [], "usage": usage}
+
+    def _envelope(self, object_: str | None = None) -> dict:
+        return {"id": self.id, "object": object_ or self.chunk_object, "created": self.created, "model": self.model}
+
+
+def chat_reply(model: str) -> Reply:
+    return Reply.start("chatcmpl", "chat.completion.chunk", model)
+
+
+def completion_reply(model: str) -> Reply:
+    return Reply.start("cmpl", "text_completion", model)
+
+
+def chat_opening(reply: Reply) -> dict:
+    """The first chat chunk: the assistant's role, before any text."""
+    return reply.chunk({"delta": {"role": "assistant", "content": ""}})
+
+
+def chat_chunks(reply: Reply, d_reasoning: str, d_content: str, finish: str | None) -> list[dict]:
+    """A delta as chat chunks: one with its text (if any), then one with the finish reason."""
+    delta = {}
+    if d_reasoning:
+        delta["reasoning_content"] = d_reasoning
+    if d_content:
+        delta["content"] = d_content
+    chunks = [reply.chunk({"delta": delta})] if delta else []
+    if finish:
+        chunks.append(reply.chunk({"delta": {}}, finish))
+    return chunks
+
+
+def completion_chunks(reply: Reply, d_reasoning: str, d_content: str, finish: str | None) -> list[dict]:
+    """A delta as one completion choice; completions have no reasoning split."""
+    return [reply.chunk({"text": d_content}, finish)]
+
+
+def chat_completion_object(reply: Reply, gen: Generation, finish: str | None) -> dict:
+    """The whole (non-streamed) chat answer."""
+    message = {"role": "assistant", "content": gen.text.sent_content}
+    if gen.text.sent_reasoning:
+        message["reasoning_content"] = gen.text.sent_reasoning
+    return {**reply.chunk({"message": message}, finish, "chat.completion"), "usage": gen.usage}
+
+
+def completion_object(reply: Reply, gen: Generation, finish: str | None) -> dict:
+    """The whole (non-streamed) completion."""
+    return {**reply.chunk({"text": gen.text.sent_content}, finish), "usage": gen.usage}
+
+
+def sse(obj) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end-of-stream marker
+
+
+def streaming_response(request: HttpRequest, gen: Generation, reply: Reply, to_chunks: ToChunks, *,
+                       include_usage: bool, opening: Iterable[dict] = ()) -> StreamingResponse:
+    """The SSE response of both routes: `opening`, then the chunks `to_chunks` makes of each delta,
+    then the usage chunk if asked for (usage is known only once generation ended), then [DONE]."""
+
+    async def events():
+        for obj in opening:
+            yield sse(obj)
+        async for d_r, d_c, finish in gen.stream_deltas(request):
+            for obj in to_chunks(reply, d_r, d_c, finish):
+                yield sse(obj)
+        if include_usage:
+            yield sse(reply.usage_chunk(gen.usage))
+        yield SSE_DONE
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

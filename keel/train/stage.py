@@ -1,0 +1,35 @@
+"""A training stage as `keel sft` and `keel rl` run it: a model directory in, `OUT/model` out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from keel.distributed import shutdown
+from keel.distributed.world import main_process
+from keel.errors import KeelError
+from keel.models import load_model, save_model
+
+# (model, tokenizer, stage config, run folder) -> metrics rows: keel.train.sft.sft, keel.rl.trainer.rl
+Train = Callable[[object, object, object, Path], list]
+
+
+def check_unfinished(out: str | Path) -> None:
+    """A finished run (its OUT/model written) is never trained over."""
+    final = Path(out) / "model"
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise KeelError(f"{final} already exists: pass a new out folder, or delete it to train again", field="out")
+
+
+def train_stage(train: Train, cfg, model_dir: str | Path, out: str | Path) -> Path | None:
+    """Load `model_dir`, train it with `train` under `cfg` into the run folder `out`, and write the
+    result to OUT/model (a plain HF directory); returns its path. Under torchrun every rank trains
+    and rank 0 writes the model (the others return None)."""
+    out = Path(out)
+    check_unfinished(out)
+    model, tokenizer = load_model(model_dir)
+    try:
+        train(model, tokenizer, cfg, out)
+    finally:
+        shutdown()
+    return save_model(model, tokenizer, out / "model") if main_process() else None
