@@ -38,7 +38,7 @@ def worker(side: str, args) -> None:
     import torch
 
     from keel.models import init_model, render_prompt
-    from keel.rollout import SamplingParams, generate
+    from keel.engine.sampler import SamplingParams, generate
     from keel.tasks import get_task
 
     if args.threads:
@@ -136,7 +136,7 @@ def main() -> None:
     print(f"{args.arch} {args.layers}x{args.hidden}, batch {args.batch} x {args.new_tokens} new tokens, "
           f"median of {args.repeats} alternating runs")
     print(f"{'side':<24}{'tok/s':>9}{'min':>9}{'max':>9}{'ms/step':>9}{'warm-up s':>11}{'peak RSS MB':>13}")
-    names = {"keel": "keel.rollout.generate", "hf": "transformers generate()", "floor": "matmuls only (floor)",
+    names = {"keel": "keel.engine.sampler.generate", "hf": "transformers generate()", "floor": "matmuls only (floor)",
              "keel_compiled": "keel, compile=True"}
     for side in sides:
         r = res[side]

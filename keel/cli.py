@@ -324,8 +324,8 @@ def chat_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or
              temperature: float = typer.Option(0.7), seed: int = typer.Option(0)):
     """Chat with a model in the terminal; tokens stream as they are sampled."""
     from keel.serve.chat import chat
-    from keel.rollout import SamplingParams
-    from keel.serve.backends import load_backend
+    from keel.engine.sampler import SamplingParams
+    from keel.engine.backends import load_backend
 
     SamplingParams(temperature, 1.0, max_tokens)  # bad flags fail before the model loads
     b, tokenizer = load_backend(model, backend, device, dtype, provider)

@@ -3,8 +3,8 @@ rollouts, `keel eval` and `keel label` share.
 
 Each question is rendered through the model's chat template, repeated `k` times (a question's
 samples sit next to each other, as GRPO's groups and label's votes expect), sampled by
-`rollout.generate` in chunks of `batch_size` rows, decoded, and, when a reward is given, scored.
-The serving engine (serve/batching.py) runs the same sampler on token ids that arrive one request
+`engine.sampler.generate` in chunks of `batch_size` rows, decoded, and, when a reward is given, scored.
+The serving engine (engine/batching.py) runs the same sampler on token ids that arrive one request
 at a time.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from keel.models import render_prompt, special_ids
-from keel.rollout import SamplingParams, generate
+from keel.engine.sampler import SamplingParams, generate
 
 Reward = Callable[[str, int], dict]  # (completion text, question index) -> {"correct", "format", ...}
 

@@ -8,7 +8,7 @@ from keel.completions import complete
 from keel.config import EvalConfig
 from keel.device import make_generator
 from keel.errors import KeelError
-from keel.rollout import SamplingParams
+from keel.engine.sampler import SamplingParams
 from keel.runlog import progress
 from keel.tasks import get_task
 

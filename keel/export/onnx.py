@@ -4,7 +4,7 @@ execution provider (CPU, CUDA, CANN for Ascend, OpenVINO, ...).
 One graph serves prefill and decode: inputs `input_ids` [B, S], `attention_mask` [B, T],
 `position_ids` [B, S] and `past.{i}.key|value` [B, H, T_past, D] (T_past = 0 at prefill); outputs
 `logits` [B, S, V] and `present.{i}.key|value` [B, H, T_past + S, D]. The traced module is
-`keel.serve.backends.KVModel`, the very function the torch backend runs.
+`keel.engine.backends.KVModel`, the very function the torch backend runs.
 
 The export directory holds model.onnx (+ model.onnx.data when the weights are large), the
 tokenizer, the HF config, and keel_onnx.json: shapes, dtype, and the max |logit| difference to
@@ -25,7 +25,7 @@ import torch
 
 from keel.errors import KeelError
 from keel.io import publish_folder, temp_folder
-from keel.serve.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
+from keel.engine.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
 
 OPSET = 18
 

@@ -9,7 +9,7 @@ For each candidate against the reference:
   top-k (a near-tie that rounding flipped), else the backends really disagree;
 - task accuracy of each backend's greedy completions.
 
-Generation goes through `keel.serve.batching.generate`: the serving engine, sampler and stop
+Generation goes through `keel.engine.batching.generate`: the serving engine, sampler and stop
 rules themselves are what is checked.
 """
 
@@ -25,8 +25,8 @@ import torch
 from keel.config import ParityConfig
 from keel.errors import KeelError
 from keel.io import atomic_write
-from keel.rollout import SamplingParams
-from keel.serve.batching import generate
+from keel.engine.sampler import SamplingParams
+from keel.engine.batching import generate
 
 
 @torch.no_grad()
@@ -141,7 +141,7 @@ def build_backend(spec: str, model_dir: str | Path, workdir: str | Path):
     """A backend from a spec like torch:cpu:bf16 or onnxruntime:cpu:fp32. An onnxruntime backend
     runs `model_dir` itself when it is an export directory, else an export made into `workdir`."""
     from keel.export.onnx import export_onnx
-    from keel.serve.backends import ONNX_FILE, OrtBackend, load_torch_backend, parse_spec
+    from keel.engine.backends import ONNX_FILE, OrtBackend, load_torch_backend, parse_spec
 
     kind, device, dtype = parse_spec(spec)
     if kind == "torch":
@@ -160,7 +160,7 @@ def build_backend(spec: str, model_dir: str | Path, workdir: str | Path):
 
 def _export_is_current(onnx_dir: Path, model_dir) -> bool:
     """An earlier export of these very weights (same source, newer than every weight file) is reused."""
-    from keel.serve.backends import ONNX_FILE, ONNX_META
+    from keel.engine.backends import ONNX_FILE, ONNX_META
 
     try:
         meta = json.loads((onnx_dir / ONNX_META).read_text())

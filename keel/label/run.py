@@ -19,7 +19,7 @@ def _sample(model, tokenizer, questions: list[Question], cfg: LabelConfig, seed:
     """k traces per question, one batch: (texts, mean token log-probs), question-major."""
     from keel.completions import complete  # torch loads in seconds: only once the cheap checks passed
     from keel.device import make_generator
-    from keel.rollout import SamplingParams
+    from keel.engine.sampler import SamplingParams
 
     out = complete(model, tokenizer, [q.question for q in questions],
                    SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens), k=cfg.k,

@@ -32,7 +32,7 @@ from keel.resilience.state import (load_model_state, load_optimizer_state, model
                                    rng_state, set_rng_state)
 from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
 from keel.rl.losses import batch_units, policy_loss
-from keel.rollout import SamplingParams, completion_logprobs
+from keel.engine.sampler import SamplingParams, completion_logprobs
 from keel.tasks import get_task
 from keel.train.loop import train_loop
 

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keel.config import ServeConfig
 from keel.errors import KeelError
-from keel.serve.batching import Engine
+from keel.engine.batching import Engine
 from keel.serve.metrics import CountStatus, ServeMetrics
 from keel.serve.openai import (ApiError, Generation, RequestBuilder, chat_chunks, chat_completion_object,
                                chat_opening, chat_reply, completion_chunks, completion_object, completion_prompt_ids,
@@ -62,7 +62,7 @@ class ServedModel:
 
 def load_served(model_dir: str | Path, cfg: ServeConfig) -> ServedModel:
     """Build the backend named by `cfg` over `model_dir` and an engine for it."""
-    from keel.serve.backends import load_backend
+    from keel.engine.backends import load_backend
 
     backend, tokenizer = load_backend(model_dir, cfg.backend, cfg.device, cfg.dtype, cfg.provider)
     return make_served(backend, tokenizer, cfg, cfg.model_name or Path(model_dir).resolve().name)

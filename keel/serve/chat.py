@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from keel.errors import KeelError
-from keel.rollout import SamplingParams
-from keel.serve.batching import Engine, Request
+from keel.engine.sampler import SamplingParams
+from keel.engine.batching import Engine, Request
 from keel.serve.text import THINK_OPEN, TextStream, render_chat
 
 HELP = "type a message; /reset starts over, /exit leaves"

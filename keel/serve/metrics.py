@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 from collections.abc import Collection
 
-from keel.serve.batching import Engine
+from keel.engine.batching import Engine
 
 _ENGINE_COUNTERS = {  # Prometheus name -> attribute of engine.stats
     "keel_requests_admitted_total": "admitted",

@@ -25,8 +25,8 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from keel.errors import KeelError
-from keel.rollout import SamplingParams
-from keel.serve.batching import Engine, Request
+from keel.engine.sampler import SamplingParams
+from keel.engine.batching import Engine, Request
 from keel.serve.metrics import ServeMetrics
 from keel.serve.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from keel.serve.text import TextStream, render_chat

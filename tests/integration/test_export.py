@@ -10,10 +10,10 @@ import torch
 
 from keel.config import ServeConfig
 from keel.models import init_model, render_prompt, save_model, special_ids
-from keel.rollout import SamplingParams
+from keel.engine.sampler import SamplingParams
 from keel.serve.app import background_server, create_app, load_served
-from keel.serve.backends import OrtBackend, load_torch_backend
-from keel.serve.batching import generate
+from keel.engine.backends import OrtBackend, load_torch_backend
+from keel.engine.batching import generate
 from keel.export.onnx import check_export
 
 

@@ -14,7 +14,7 @@ import torch
 from keel.config import ServeConfig
 from keel.models import build_tokenizer, init_model
 from keel.serve.app import background_server, create_app, make_served
-from keel.serve.backends import TorchBackend
+from keel.engine.backends import TorchBackend
 
 KEY = "test-key"
 SCRIPT = "<think>1+1=2</think><answer>2</answer>"

@@ -12,9 +12,9 @@ ROOT = Path(keel.__file__).parent
 # Lowest first; a module belongs to the longest prefix listed. Keep in step with docs/architecture.md.
 LAYERS = [
     ["keel.errors", "keel.io", "keel.config", "keel.device", "keel.epochs", "keel.optim", "keel.runlog",
-     "keel.kvcache", "keel.logprobs"],
+     "keel.logprobs"],
     ["keel.models", "keel.tasks", "keel.distributed", "keel.report"],
-    ["keel.rollout", "keel.resilience"],
+    ["keel.engine", "keel.resilience"],
     ["keel.completions", "keel.serve", "keel.train.loop"],
     ["keel.evaluate", "keel.export", "keel.train", "keel.label"],
     ["keel.rl"],

@@ -1,4 +1,4 @@
-"""Tests for keel.rollout on tiny random Qwen3 / Llama models built from configs (no downloads)."""
+"""Tests for keel.engine.sampler on tiny random Qwen3 / Llama models built from configs (no downloads)."""
 
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-import keel.rollout
+import keel.engine.sampler
 from keel.errors import KeelError
-from keel.kvcache import preallocated_cache
-from keel.rollout import Rollout, SamplingParams, sample_next, completion_logprobs, generate
+from keel.engine.kvcache import preallocated_cache
+from keel.engine.sampler import Rollout, SamplingParams, sample_next, completion_logprobs, generate
 
 PAD = 0
 NO_EOS = 49  # an id we check is never produced where a test wants full-length rows
@@ -332,7 +332,7 @@ def test_preallocated_cache_gives_the_same_rollout_as_the_models_own_cache(model
         return generate(model, PROMPTS, params, eos_id=1, pad_id=PAD, generator=gen(4), stop_ids=[2, 3])
 
     ours = run()
-    monkeypatch.setattr(keel.rollout, "preallocated_cache", lambda model, capacity: None)  # the model's DynamicCache
+    monkeypatch.setattr(keel.engine.sampler, "preallocated_cache", lambda model, capacity: None)  # the model's DynamicCache
     theirs = run()
     assert ours.tokens == theirs.tokens and ours.finished == theirs.finished
     for x, y in zip(ours.logprobs, theirs.logprobs):
@@ -355,7 +355,7 @@ def test_compile_runs_decode_steps_through_the_compiled_forward(monkeypatch):
     benchmarks/rollout_vs_hf.py --compile exercises it)."""
     model = tiny_model("llama")
     compiled = []
-    monkeypatch.setattr(keel.rollout, "_COMPILED", {})
+    monkeypatch.setattr(keel.engine.sampler, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # compiled steps bypass module hooks
@@ -377,7 +377,7 @@ def test_compile_failure_warns_and_redoes_the_rollout_eagerly(monkeypatch):
             raise RuntimeError("no working C++ compiler\n(details)")
         return run
 
-    monkeypatch.setattr(keel.rollout, "_COMPILED", {})
+    monkeypatch.setattr(keel.engine.sampler, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     params = SamplingParams(temperature=1.0, max_new_tokens=6)
     with pytest.warns(UserWarning, match="torch.compile failed .*no working C\\+\\+ compiler.*decoding eagerly"):

@@ -5,10 +5,10 @@ import pytest
 
 from keel.errors import KeelError
 from keel.models import init_model, render_prompt, special_ids
-from keel.rollout import SamplingParams
-from keel.rollout import generate as rollout_generate
-from keel.serve.backends import TorchBackend, parse_spec
-from keel.serve.batching import Engine, Request, generate
+from keel.engine.sampler import SamplingParams
+from keel.engine.sampler import generate as rollout_generate
+from keel.engine.backends import TorchBackend, parse_spec
+from keel.engine.batching import Engine, Request, generate
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

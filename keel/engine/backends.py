@@ -14,7 +14,7 @@ batch and dim 2 is time, so rows can be joined, padded on the left with zeros an
 
 Two backends: `TorchBackend` (any HF causal LM on any torch device, npu included, in fp32, bf16 or
 fp16) and `OrtBackend` (an exported ONNX graph on any ONNX Runtime execution provider). The sampler
-and the stop rules are not here: they are the rollout engine's, applied by `keel.serve.batching`.
+and the stop rules are not here: they are the rollout engine's, applied by `keel.engine.batching`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
-from keel.kvcache import cache_kwarg
+from keel.engine.kvcache import cache_kwarg
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ONNX_FILE, ONNX_META = "model.onnx", "keel_onnx.json"

@@ -3,7 +3,7 @@
 Token ids in, token ids out: there is no tokenizer here. Two functions:
 
 - `generate` samples completions for a batch of prompts with a KV cache preallocated for the
-  whole rollout (keel/kvcache.py; optionally with the decode step compiled) and records,
+  whole rollout (keel/engine/kvcache.py; optionally with the decode step compiled) and records,
   for each sampled token, its log-prob under the sampling policy (before top-p truncation). RL
   losses need exactly these "old policy" log-probs.
 - `completion_logprobs` re-scores given completions with one forward pass (with grad) so the
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
-from keel.kvcache import cache_kwarg, preallocated_cache
+from keel.engine.kvcache import cache_kwarg, preallocated_cache
 from keel.logprobs import entropy_BT, token_logprobs
 
 

@@ -12,7 +12,7 @@ step appends one column for everyone. A newly admitted row is padded on the left
 the batch is, if the newcomer is longer), and columns that no row uses any more are trimmed when
 rows retire, so the cache is never wider than the longest running row.
 
-Sampling and stop rules are the rollout engine's: `keel.rollout.sample_next` with each request's own
+Sampling and stop rules are the rollout engine's: `keel.engine.sampler.sample_next` with each request's own
 `SamplingParams` and seeded generator, and a row ends at EOS or one of its stop ids (kept in its
 tokens) or after `max_new_tokens`. `generate()` runs the same engine offline for a list of prompts.
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
-from keel.rollout import SamplingParams, sample_next
+from keel.engine.sampler import SamplingParams, sample_next
 
 
 @dataclass(eq=False)
@@ -79,7 +79,7 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous batching over a `keel.serve.backends.Backend`."""
+    """Continuous batching over a `keel.engine.backends.Backend`."""
 
     def __init__(self, backend, *, eos_id: int, max_batch: int = 16):
         if max_batch < 1:
