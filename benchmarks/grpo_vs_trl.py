@@ -80,7 +80,9 @@ def run_keel(model_dir: str, warmup: int, steps: int, profile: bool, compile: bo
            "tokens": steps * PROMPTS * GROUP * TOKENS, "rss_mb": peak_rss_mb()}
     if phases is not None:
         p = phases.per_step(steps)
-        p["backward"] -= p["grad_clip"] + p["optimizer"]
+        # guarded_update runs the micro-batches' training forwards too (timed as logprob_forward; with
+        # beta 0 and one update there are no others)
+        p["backward"] -= p["grad_clip"] + p["optimizer"] + p.get("logprob_forward", 0.0)
         out["phases_s"] = with_other(p, out["timed_s"] / steps)
     return out
 
@@ -121,10 +123,11 @@ def profile_keel(trainer) -> Phases:
     guarded_update), grad clip and optimizer step."""
     import torch
 
+    import keel.completions as C
     import keel.rl.trainer as T
 
     phases = Phases()
-    phases.wrap(T, "generate", "generate")
+    phases.wrap(C, "generate", "generate")
     phases.wrap(trainer.task, "reward", "reward")
     phases.wrap(T, "completion_logprobs", "logprob_forward")
     phases.wrap(T, "guarded_update", "backward")  # minus clip and optimizer, below

@@ -111,14 +111,22 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="run folder (overwritt
 @app.command("init-model")
 def init_model_cmd(out: Path = typer.Option(..., help="directory to write the HF model to"),
                    arch: str = typer.Option("qwen3", help="qwen3 | llama"),
-                   layers: int = typer.Option(4), hidden: int = typer.Option(128, help="a multiple of 32"),
-                   seed: int = typer.Option(0)):
-    """Make a small model from scratch, with a character-level tokenizer built locally."""
+                   layers: Optional[int] = typer.Option(None, help="default 4 (a preset fixes it)"),
+                   hidden: Optional[int] = typer.Option(None, help="a multiple of 32; default 128 (a preset fixes it)"),
+                   seed: int = typer.Option(0),
+                   preset: Optional[str] = typer.Option(None, help="a released model's shape at random init: 0.6b "
+                                                        "(--arch qwen3: Qwen3-0.6B, with Qwen's vocabulary unless --tokenizer)"),
+                   tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory to build around (its "
+                                                           "vocabulary, eos/pad and chat template), or qwen: Qwen's "
+                                                           "BPE vocabulary from the dashscope package, offline")):
+    """Make a model from scratch: small with a character-level tokenizer built locally (default),
+    around a real tokenizer (--tokenizer), or of a released model's shape (--preset)."""
     from keel.models import init_model, save_model
 
-    model, tokenizer = init_model(arch, layers, hidden, seed)
-    save_model(model, tokenizer, out)
-    typer.echo(f"wrote {out} ({sum(p.numel() for p in model.parameters())} parameters)")
+    model, tok = init_model(arch, layers, hidden, seed, preset=preset, tokenizer=tokenizer)
+    save_model(model, tok, out)
+    vocabulary = f", a {len(tok)}-token vocabulary" if preset or tokenizer else ""
+    typer.echo(f"wrote {out} ({sum(p.numel() for p in model.parameters())} parameters{vocabulary})")
 
 
 @app.command()

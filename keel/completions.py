@@ -38,11 +38,13 @@ class Completions:
 
 def complete(model, tokenizer, questions: list[str], params: SamplingParams, *, k: int = 1,
              generator: torch.Generator | None = None, reward: Reward | None = None,
-             batch_size: int | None = None, compile: bool = False,
+             batch_size: int | None = None, compile: bool = False, eos_id: int | None = None,
              advance: Callable[[int], None] | None = None) -> Completions:
     """`k` completions of each question. `generator` drives the sampling (one stream across
-    chunks); `advance(n)` is called after each chunk of n rows (a progress bar)."""
+    chunks); `advance(n)` is called after each chunk of n rows (a progress bar). `eos_id`
+    replaces the tokenizer's end of sequence (-1: none, every sample runs the whole budget)."""
     eos, pad = special_ids(tokenizer)
+    eos = eos if eos_id is None else eos_id
     prompts = [render_prompt(tokenizer, q) for q in questions for _ in range(k)]
     step = batch_size or max(1, len(prompts))
     tokens, logprobs, finished = [], [], []

@@ -130,6 +130,8 @@ class SFTConfig:
     drop_thinking: float = 0.0   # fraction of traces reduced to the bare answer (mixed-quality data)
     steps: int = 300             # optimizer steps
     batch_tokens: int = 4096     # tokens per packed batch (no padding), over all ranks: each packs its share
+    micro_batch_tokens: int = 16384  # tokens per forward/backward; a batch above it is split, gradients accumulated
+    gradient_checkpointing: bool = False  # recompute activations in the backward (transformers'): less memory, ~30% slower
     lr: float = 3e-3             # peak AdamW learning rate
     warmup: int = 20             # linear warm-up steps, then cosine decay to 10%
     weight_decay: float = 0.0
@@ -143,6 +145,7 @@ class SFTConfig:
     def __post_init__(self):
         _require(self.examples >= 1 and self.steps >= 1, "sft: examples and steps must be >= 1")
         _require(self.batch_tokens >= 16, "sft: batch_tokens must be >= 16")
+        _require(self.micro_batch_tokens >= 16, "sft: micro_batch_tokens must be >= 16", "micro_batch_tokens")
         _require(0 <= self.drop_thinking <= 1, "sft: drop_thinking must be in [0, 1]")
         _require(self.lr > 0 and self.warmup >= 0 and self.grad_clip > 0, "sft: lr and grad_clip must be > 0, warmup >= 0")
 
@@ -157,6 +160,10 @@ class RLConfig:
     prompts_per_step: int = 8    # distinct prompts per rollout batch, over all ranks: each samples its share
     group_size: int = 8          # samples per prompt; advantages compare within a group
     updates_per_batch: int = 1   # optimizer steps on each rollout batch (old log-probs kept)
+    micro_batch_tokens: int = 16384  # padded tokens per training forward/backward; a batch above it is split
+    #                                  into micro-batches and the gradients accumulated (same update)
+    rollout_batch_size: int = 0  # completions generated together (0: all of a step's at once)
+    gradient_checkpointing: bool = False  # recompute activations in the backward (transformers'): less memory, ~30% slower
     lr: float = 2e-4
     warmup: int = 0
     lr_schedule: str = "constant"  # constant | cosine (to 10% of lr)
@@ -187,6 +194,9 @@ class RLConfig:
         _require(self.steps >= 1 and self.prompts_per_step >= 1 and self.updates_per_batch >= 1,
                  "rl: steps, prompts_per_step and updates_per_batch must be >= 1")
         _require(self.lr > 0 and self.grad_clip > 0, "rl: lr and grad_clip must be > 0")
+        _require(self.micro_batch_tokens >= 16, "rl: micro_batch_tokens must be >= 16", "micro_batch_tokens")
+        _require(self.rollout_batch_size >= 0, "rl: rollout_batch_size must be >= 0 (0: all at once)",
+                 "rollout_batch_size")
         _require(self.lr_schedule in ("constant", "cosine"), "rl: lr_schedule must be constant or cosine")
         _require(self.temperature > 0, "rl: temperature must be > 0 (RL needs sampled rollouts)")
         _require(0 < self.top_p <= 1, "rl: top_p must be in (0, 1]")

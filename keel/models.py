@@ -1,4 +1,6 @@
-"""Load and save any Hugging Face causal LM; build a small one, with its tokenizer, offline.
+"""Load and save any Hugging Face causal LM; build one at random init, with its tokenizer, offline:
+small with keel's character-level tokenizer (the demo's), around a real tokenizer (an HF
+directory, or Qwen's vocabulary from keel.vocab), or of a released model's shape (PRESETS).
 
 Models are swappable commodities: keel talks to them only through `AutoModelForCausalLM` and
 `AutoTokenizer`, and every model it writes is a plain HF directory (config.json, safetensors,
@@ -52,32 +54,122 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def init_model(arch: str = "qwen3", layers: int = 4, hidden: int = 128, seed: int = 0,
-               max_positions: int = 512):
-    """A small randomly initialised causal LM of a real HF architecture, and its tokenizer."""
+# Real model shapes `init_model(preset=...)` builds at random init: the architecture's config
+# fields as the released model's config.json has them (Qwen/Qwen3-0.6B: 596,049,920 parameters
+# with the embedding tied to the LM head).
+PRESETS = {
+    "qwen3": {
+        "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151_936, max_position_embeddings=40_960,
+                     rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                     sliding_window=None, max_window_layers=28),
+    },
+}
+QWEN = "qwen"  # tokenizer=QWEN: Qwen's BPE vocabulary shipped in dashscope (keel.vocab.qwen_tokenizer)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of an HF tokenizer (or model) directory, offline; KeelError (field
+    "tokenizer") when there is none or it has no eos token."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise KeelError(f"{path} holds no tokenizer (tokenizer.json or tokenizer_config.json): pass an HF "
+                        f"tokenizer directory, or {QWEN!r} for Qwen's vocabulary (pip install dashscope)",
+                        field="tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise KeelError(f"could not load the tokenizer in {path}: {str(e).splitlines()[0]}", field="tokenizer") from e
+    if tokenizer.eos_token_id is None:
+        raise KeelError(f"the tokenizer in {path} has no eos_token: set one in its tokenizer_config.json",
+                        field="tokenizer")
+    return tokenizer
+
+
+def pick_tokenizer(tokenizer=None, preset: str | None = None):
+    """`tokenizer` as a tokenizer object: None -> keel's character-level one (Qwen's vocabulary
+    for a preset, which needs a real one); QWEN -> Qwen's from dashscope; a path -> the HF
+    tokenizer directory there (an existing directory wins over the name QWEN); an object -> itself."""
+    if tokenizer is None:
+        tokenizer = QWEN if preset else None
+        if tokenizer is None:
+            return build_tokenizer()
+    if isinstance(tokenizer, (str, Path)):
+        if str(tokenizer) == QWEN and not Path(tokenizer).is_dir():
+            from keel.vocab import qwen_tokenizer
+
+            return qwen_tokenizer()
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
+def vocab_extent(tokenizer) -> int:
+    """One past the largest token id: the embedding rows a model needs for `tokenizer`."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+
+
+def model_config(arch: str = "qwen3", layers: int | None = None, hidden: int | None = None,
+                 max_positions: int | None = None, *, preset: str | None = None, tokenizer=None):
+    """The HF config of the model `init_model` builds, allocating nothing (build it on
+    torch.device("meta") to count parameters). `tokenizer` is a tokenizer object (its vocabulary
+    sizes the embedding; its eos and pad ids are the config's); see `init_model` for the rest."""
     if arch not in ARCHS:
         raise KeelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}", field="arch")
-    if layers < 1 or hidden < 32 or hidden % 32:
-        raise KeelError(f"layers must be >= 1 and hidden a multiple of 32 (got {layers}, {hidden})",
-                        field="layers" if layers < 1 else "hidden")
-    tokenizer = build_tokenizer()
     import transformers
 
-    heads = hidden // 32
-    config = getattr(transformers, ARCHS[arch])(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=32,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise KeelError("the tokenizer has no eos_token: set one in its tokenizer_config.json", field="tokenizer")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    vocab = vocab_extent(tokenizer)
+    if preset is not None:
+        shapes = PRESETS.get(arch, {})
+        if preset not in shapes:
+            known = ", ".join(f"{a} {p}" for a, ps in PRESETS.items() for p in ps)
+            raise KeelError(f"unknown preset {preset!r} for arch {arch}: choose one of {known}", field="preset")
+        for name, value in (("layers", layers), ("hidden", hidden)):
+            if value is not None:
+                raise KeelError(f"preset {preset} fixes the model's shape: leave {name} unset", field=name)
+        shape = dict(shapes[preset])
+        if vocab > shape["vocab_size"]:
+            raise KeelError(f"the tokenizer has {vocab} tokens, more than preset {preset}'s embedding "
+                            f"({shape['vocab_size']} rows): use a tokenizer of that model family", field="tokenizer")
+        if max_positions is not None:
+            shape["max_position_embeddings"] = max_positions
+    else:
+        layers = 4 if layers is None else layers
+        hidden = 128 if hidden is None else hidden
+        if layers < 1 or hidden < 32 or hidden % 32:
+            raise KeelError(f"layers must be >= 1 and hidden a multiple of 32 (got {layers}, {hidden})",
+                            field="layers" if layers < 1 else "hidden")
+        heads = hidden // 32
+        shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=heads, head_dim=32,
+                     max_position_embeddings=512 if max_positions is None else max_positions,
+                     tie_word_embeddings=True)
+    return getattr(transformers, ARCHS[arch])(**shape, pad_token_id=pad, eos_token_id=eos, bos_token_id=None)
+
+
+def init_model(arch: str = "qwen3", layers: int | None = None, hidden: int | None = None, seed: int = 0,
+               max_positions: int | None = None, *, preset: str | None = None, tokenizer=None):
+    """A randomly initialised causal LM of a real HF architecture, and its tokenizer.
+
+    By default a small one (`layers` 4, `hidden` 128, 512 positions) with keel's character-level
+    tokenizer. `tokenizer`: an HF tokenizer directory (or object) to build around instead; its
+    vocabulary sizes the embedding, its eos/pad become the config's, its chat template is kept;
+    QWEN ("qwen") for Qwen's BPE vocabulary, read offline from the dashscope package.
+    `preset`: a released model's shape (PRESETS, e.g. "0.6b" for qwen3: Qwen3-0.6B), which fixes
+    layers and hidden; without a tokenizer it gets Qwen's vocabulary (KeelError saying how to
+    install it when dashscope is missing)."""
+    if arch not in ARCHS:
+        raise KeelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}", field="arch")
+    if preset is not None:
+        model_config(arch, layers, hidden, max_positions, preset=preset)  # a bad shape fails before any tokenizer loads
+    elif tokenizer is not None:
+        model_config(arch, layers, hidden, max_positions)
+    tokenizer = pick_tokenizer(tokenizer, preset)
+    config = model_config(arch, layers, hidden, max_positions, preset=preset, tokenizer=tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -145,3 +237,16 @@ def render_prompt(tokenizer, question: str) -> list[int]:
     else:
         text = question + "\n"
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them
+    (transformers' own checkpointing, non-reentrant): activation memory falls from one copy per
+    layer to about one layer's, for roughly a third more compute."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise KeelError(f"{type(model).__name__} does not support gradient checkpointing; set it to false",
+                        field="gradient_checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,28 +7,30 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 
-def guarded_update(model, optimizer, loss: torch.Tensor, grad_clip: float, injector, step: int,
-                   sync) -> tuple[float, bool]:
-    """backward, average the gradients over ranks (`sync.grads`: DDP), clip, and step unless the
-    loss or the gradient is non-finite (then the update is skipped and the gradients dropped).
-    A non-finite gradient on one rank reaches every rank through the average, so all ranks skip
-    together. Returns (grad_norm, applied)."""
+def guarded_update(model, optimizer, backward: Callable[[float], float], grad_clip: float, injector, step: int,
+                   sync) -> tuple[float, float, bool]:
+    """Accumulate gradients with `backward(loss_scale)` (it runs the backward of every micro-batch,
+    each loss multiplied by `loss_scale`, and returns the step's loss), average them over ranks
+    (`sync.grads`: DDP), clip, and step unless the loss or the gradient is non-finite (then the
+    update is skipped and the gradients dropped). A non-finite gradient on one rank reaches every
+    rank through the average, so all ranks skip together. Returns (loss, grad_norm, applied)."""
     optimizer.zero_grad(set_to_none=True)
-    (loss * injector.loss_scale(step)).backward()
+    loss = backward(injector.loss_scale(step))
     injector.before_update(step, model)
     sync.grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-    if not (math.isfinite(loss.item()) and math.isfinite(grad_norm)):
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm, False
+        return loss, grad_norm, False
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free a model's worth of memory before the next rollout
-    return grad_norm, True
+    return loss, grad_norm, True
 
 
 class SpikeDetector:

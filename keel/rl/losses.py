@@ -61,11 +61,11 @@ _AGGREGATE: dict[str, Aggregate] = {
 assert tuple(_RATIO_LEVEL) == RATIO_LEVELS and tuple(_AGGREGATE) == AGGREGATIONS
 
 
-def batch_units(spec: LossSpec, mask_BT: torch.Tensor) -> float:
-    """How many units the loss averages over: real tokens for a token mean, sequences otherwise.
-    A rank that weighs its loss by its share of the global batch's units gets, summed over ranks,
-    the gradient of the loss over the whole batch."""
-    return float(mask_BT.sum().item()) if spec.aggregation == "token_mean" else float(mask_BT.shape[0])
+def batch_units(spec: LossSpec, lengths_B) -> float:
+    """How many units the loss averages over, given each sequence's number of real tokens: tokens
+    for a token mean, sequences otherwise. A rank (or a micro-batch) that weighs its loss by its
+    share of the whole batch's units contributes exactly its part of the loss over the whole batch."""
+    return float(sum(lengths_B)) if spec.aggregation == "token_mean" else float(len(lengths_B))
 
 
 def policy_loss(

@@ -24,7 +24,7 @@ from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
-from keel.models import special_ids
+from keel.models import enable_gradient_checkpointing, special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
@@ -57,6 +57,38 @@ class Batch:
         C = max(len(c) for c in self.completions)
         return torch.tensor([row + [0.0] * (C - len(row)) for row in self.logprobs], device=device)
 
+    def subset(self, rows: list[int]) -> "Batch":
+        """The batch's `rows`, in that order."""
+        pick = lambda values: None if values is None else [values[i] for i in rows]  # noqa: E731
+        index = torch.tensor(rows, dtype=torch.long)
+        return Batch(pick(self.prompts), pick(self.completions), self.rewards_B[index], self.correct_B[index],
+                     self.format_B[index], self.finished_B[index], len(rows), pick(self.logprobs))
+
+    def micro_batches(self, max_tokens: int) -> list[list[int]]:
+        """Consecutive rows, grouped so that each group's padded forward (rows x (longest prompt +
+        longest completion)) stays within `max_tokens`; a row longer than that goes alone."""
+        groups, rows, longest_p, longest_c = [], [], 0, 0
+        for i, (p, c) in enumerate(zip(self.prompts, self.completions)):
+            lp, lc = max(longest_p, len(p)), max(longest_c, len(c))
+            if rows and (len(rows) + 1) * (lp + lc) > max_tokens:
+                groups.append(rows)
+                rows, lp, lc = [], len(p), len(c)
+            rows.append(i)
+            longest_p, longest_c = lp, lc
+        return groups + [rows] if rows else groups
+
+
+def merge_stats(parts: list[tuple[dict, float, float, float]]) -> dict:
+    """clip_frac and kl of the whole batch from its micro-batches' (stats, ratio units, tokens, _):
+    each is a mean over its micro-batch's ratio units (tokens, or sequences) or tokens. One
+    micro-batch's stats are taken as they are, so a batch that fits one forward logs what it did
+    before micro-batching."""
+    if len(parts) == 1:
+        return {"clip_frac": parts[0][0]["clip_frac"], "kl": parts[0][0]["kl"]}
+    ratio_units, tokens = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    return {"clip_frac": sum(s["clip_frac"] * n for s, n, _, _ in parts) / max(1.0, ratio_units),
+            "kl": sum(s["kl"] * t for s, _, t, _ in parts) / max(1.0, tokens)}
+
 
 def train_prompts(task, seed: int) -> list:
     """As many distinct training prompts as the task has, up to TRAIN_POOL; small tasks (1-digit
@@ -80,6 +112,8 @@ class RLTrainer:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.sync = make_sync(cfg.distributed, self.model, self.device)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         if cfg.prompts_per_step % ranks:
@@ -87,7 +121,7 @@ class RLTrainer:
                             f"of ranks ({ranks})")
         self.prompts_per_rank = cfg.prompts_per_step // ranks
         self.task = get_task(cfg.task, **cfg.task_options)
-        _, self.pad_id = special_ids(tokenizer)
+        self.eos_id, self.pad_id = special_ids(tokenizer)
         self.prompts = Epochs(train_prompts(self.task, cfg.seed)[rank::ranks], cfg.seed)
         self.generator = make_generator(self.device, cfg.seed + RANK_SEED_STRIDE * rank)
         self.optimizer = make_optimizer(self.model, cfg.lr)
@@ -105,7 +139,9 @@ class RLTrainer:
         with autocast(self.device, self.cfg.dtype):
             out = complete(self.model, self.tokenizer, [ex.question for ex in examples], self.sampling,
                            k=self.cfg.group_size, generator=self.generator,
-                           reward=lambda text, i: self.task.reward(text, examples[i]), compile=self.cfg.compile)
+                           reward=lambda text, i: self.task.reward(text, examples[i]),
+                           batch_size=self.cfg.rollout_batch_size or None, compile=self.cfg.compile,
+                           eos_id=self.eos_id)
         correct = torch.tensor([s["correct"] for s in out.scores])
         fmt = torch.tensor([s["format"] for s in out.scores])
         rewards = correct + self.cfg.format_weight * fmt
@@ -162,48 +198,68 @@ class RLTrainer:
         return row
 
     def update(self, batch: Batch, injector=NO_FAULTS) -> dict:
-        """`updates_per_batch` optimizer steps on this rank's `batch`; returns its metrics."""
-        cfg = self.cfg
+        """`updates_per_batch` optimizer steps on this rank's `batch`; returns its metrics. Each step
+        runs the batch in micro-batches of at most `micro_batch_tokens` and accumulates their
+        gradients, each micro-batch's loss weighted by its share of the batch's units (sequences, or
+        tokens for a token mean), so the update is the one-batch update to float rounding."""
+        cfg, spec = self.cfg, self.loss
         if not batch.completions:  # other ranks have data: take part in their gradient average with zeros
-            zero = sum(p.sum() for p in self.sync.params) * 0.0
-            grad_norm, _ = guarded_update(self.model, self.optimizer, zero, cfg.grad_clip, injector,
-                                          self.step_idx + 1, self.sync)
+            def backward(loss_scale: float) -> float:
+                (sum(p.sum() for p in self.sync.params) * 0.0).backward()
+                return 0.0
+
+            _, grad_norm, _ = guarded_update(self.model, self.optimizer, backward, cfg.grad_clip, injector,
+                                             self.step_idx + 1, self.sync)
             return {"grad_norm": grad_norm, "tokens": 0}
-        adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=self.loss.scale_by_std)
-        adv_B = adv_B.to(self.device)
+        adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=spec.scale_by_std).to(self.device)
+        micro = [(rows, batch.subset(rows)) for rows in batch.micro_batches(cfg.micro_batch_tokens)]
+        lengths = [len(c) for c in batch.completions]
+        units = batch_units(spec, lengths)
         self.model.train()
-        old_logp = ref_logp = None
+        old_logp = ref_logp = [None] * len(micro)
         if cfg.updates_per_batch > 1:
             # The policy moves between updates, so the ratios need the sampling policy's log-probs:
             # the sampler recorded them (equal to a re-scoring forward to float rounding in fp32),
             # which spares that forward. Batches built by hand may come without them.
             if batch.logprobs is not None:
-                old_logp = batch.sampling_logprobs(self.device)
+                old_logp = [part.sampling_logprobs(self.device) for _, part in micro]
             else:
                 with torch.no_grad():
-                    old_logp, _, _ = self._logprobs(self.model, batch)
+                    old_logp = [self._logprobs(self.model, part)[0] for _, part in micro]
         if self.ref is not None:
             with torch.no_grad():
-                ref_logp, _, _ = self._logprobs(self.ref, batch)
+                ref_logp = [self._logprobs(self.ref, part)[0] for _, part in micro]
         skipped = 0
         for _ in range(cfg.updates_per_batch):
-            logp, mask, entropy = self._logprobs(self.model, batch, with_entropy=True)
-            loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv_B, mask,
-                                      spec=self.loss, norm_len=cfg.max_new_tokens, ref_logp_BT=ref_logp, beta=cfg.beta)
             # Weighted so that the ranks' averaged gradient is that of the loss over all their units.
-            share = self.sync.share(batch_units(self.loss, mask))
-            grad_norm, applied = guarded_update(self.model, self.optimizer, loss * share,
-                                                cfg.grad_clip, injector, self.step_idx + 1, self.sync)
+            share = self.sync.share(units)
+            parts = []  # per micro-batch: (stats, ratio units, tokens, entropy sum)
+
+            def backward(loss_scale: float) -> float:
+                loss = 0.0
+                for k, (rows, part) in enumerate(micro):
+                    logp, mask, entropy = self._logprobs(self.model, part, with_entropy=True)
+                    old = logp.detach() if old_logp[k] is None else old_logp[k]
+                    micro_loss, stats = policy_loss(logp, old, adv_B[rows], mask, spec=spec, norm_len=cfg.max_new_tokens,
+                                                    ref_logp_BT=ref_logp[k], beta=cfg.beta)
+                    weighted = micro_loss * (batch_units(spec, [lengths[i] for i in rows]) / units)
+                    (weighted * share * loss_scale).backward()
+                    loss += weighted.item()
+                    ratio_units = mask.sum() if spec.ratio == "token" else (mask.sum(1) > 0).sum()
+                    parts.append((stats, ratio_units.item(), mask.sum().item(), (entropy * mask).sum().item()))
+                return loss
+
+            loss, grad_norm, applied = guarded_update(self.model, self.optimizer, backward, cfg.grad_clip, injector,
+                                                      self.step_idx + 1, self.sync)
             skipped += not applied
         self.model.eval()
-        n_tokens = int(mask.sum().item())
+        n_tokens = sum(lengths)
         row = {
-            "loss": loss.item(), "reward": batch.rewards_B.mean().item(),
+            "loss": loss, "reward": batch.rewards_B.mean().item(),
             "reward_correct": batch.correct_B.mean().item(), "reward_format": batch.format_B.mean().item(),
-            "accuracy": batch.correct_B.mean().item(), "response_length": mask.sum(1).float().mean().item(),
-            "truncated": 1 - batch.finished_B.float().mean().item(),
-            "clip_frac": stats["clip_frac"], "kl": stats["kl"], "entropy": (entropy * mask).sum().item() / max(1, n_tokens),
-            "grad_norm": grad_norm, "tokens": n_tokens,
+            "accuracy": batch.correct_B.mean().item(), "response_length": torch.tensor(lengths).float().mean().item(),
+            "truncated": 1 - batch.finished_B.float().mean().item(), **merge_stats(parts),
+            "entropy": sum(p[3] for p in parts) / max(1, n_tokens), "grad_norm": grad_norm, "tokens": n_tokens,
         }
         if skipped:  # counted per update; the row says the step lost at least one
             row["skipped"] = "nonfinite"

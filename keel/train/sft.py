@@ -22,7 +22,7 @@ from keel.device import autocast, pick_device
 from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
-from keel.models import render_prompt, special_ids
+from keel.models import enable_gradient_checkpointing, render_prompt, special_ids
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
@@ -126,6 +126,8 @@ class SFTTrainer:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.model = model.to(self.device).train()
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.sync = make_sync(cfg.distributed, self.model, self.device)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         task = get_task(cfg.task, **cfg.task_options)
@@ -148,16 +150,29 @@ class SFTTrainer:
         return {**row, **self.update(batch, injector)} if apply else row
 
     def update(self, batch: Packed, injector=NO_FAULTS) -> dict:
-        """One optimizer step on `batch` (this rank's part of the global batch)."""
+        """One optimizer step on `batch` (this rank's part of the global batch), its rows split
+        into micro-batches of at most `micro_batch_tokens` whose gradients add up to the batch's."""
         t0 = time.perf_counter()
-        batch = Packed(*(x.to(self.device) for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
-        with autocast(self.device, self.cfg.dtype):
-            loss, n_tokens = completion_loss(self.model, batch)
-        weighted = loss * self.sync.share(n_tokens)  # the mean over every rank's tokens, not of rank means
-        grad_norm, applied = guarded_update(self.model, self.optimizer, weighted, self.cfg.grad_clip, injector,
-                                            self.step_idx, self.sync)
+        n_tokens = int((batch.labels_BT != IGNORE).sum())
+        share = self.sync.share(n_tokens)  # the mean over every rank's tokens, not of rank means
+        rows = max(1, self.cfg.micro_batch_tokens // batch.input_ids_BT.shape[1])
+
+        def backward(loss_scale: float) -> float:
+            loss = 0.0
+            for start in range(0, len(batch.input_ids_BT), rows):
+                micro = Packed(*(x[start:start + rows].to(self.device)
+                                 for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
+                with autocast(self.device, self.cfg.dtype):
+                    micro_loss, n = completion_loss(self.model, micro)
+                weighted = micro_loss * (n / n_tokens)  # a token mean over the micro-batch -> over the batch
+                (weighted * share * loss_scale).backward()
+                loss += weighted.item()
+            return loss
+
+        loss, grad_norm, applied = guarded_update(self.model, self.optimizer, backward, self.cfg.grad_clip,
+                                                  injector, self.step_idx, self.sync)
         dt = time.perf_counter() - t0
-        return {"loss": loss.item(), "grad_norm": grad_norm, "tokens": n_tokens,
+        return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens,
                 "tokens_per_s": batch.input_ids_BT.numel() / dt, "step_s": dt,
                 **({} if applied else {"skipped": "nonfinite"})}
 

@@ -104,6 +104,25 @@ def test_ddp_rl_update_matches_one_process_on_the_global_batch(ranks_out):
     assert_close(r0, reference, atol=2e-6)
 
 
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_micro_batched_ddp_rl_update_matches_one_process_on_the_whole_batch(ranks_out, loss):
+    from keel.rl.trainer import Batch
+
+    r0, r1 = weights(ranks_out, f"rl_{loss}_micro_ddp", 0), weights(ranks_out, f"rl_{loss}_micro_ddp", 1)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    _, tok = worker.model()
+    a, b = worker.rl_batches(tok, 2)
+    assert len(a.micro_batches(40)) >= 3 and len(b.micro_batches(40)) >= 3
+    whole = Batch(a.prompts + b.prompts, a.completions + b.completions, torch.cat([a.rewards_B, b.rewards_B]),
+                  torch.cat([a.correct_B, b.correct_B]), torch.cat([a.format_B, b.format_B]),
+                  torch.cat([a.finished_B, b.finished_B]), a.sampled + b.sampled)
+    trainer = worker.rl_trainer(DistributedConfig(), sgd=True, loss=loss)  # one process, one micro-batch
+    start = worker.weights(trainer)
+    reference = single_process(trainer, whole)
+    assert moved(start, reference) > 1e-4
+    assert_close(r0, reference, atol=1e-7)
+
+
 def test_diloco_with_one_inner_step_outer_lr_1_no_momentum_is_ddp_for_sgd(ranks_out):
     ddp, diloco = weights(ranks_out, "sgd_ddp", 0), weights(ranks_out, "sgd_diloco", 0)
     assert all(torch.equal(diloco[k], weights(ranks_out, "sgd_diloco", 1)[k]) for k in diloco)

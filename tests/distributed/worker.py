@@ -55,10 +55,10 @@ def sft_trainer(distributed: DistributedConfig) -> SFTTrainer:
                                         lr=1e-3, warmup=0, grad_clip=NO_CLIP, device="cpu", distributed=distributed))
 
 
-def rl_trainer(distributed: DistributedConfig, sgd: bool = False) -> RLTrainer:
+def rl_trainer(distributed: DistributedConfig, sgd: bool = False, **changes) -> RLTrainer:
     m, tok = model()
     trainer = RLTrainer(m, tok, RLConfig(task="arithmetic", task_options={"digits": 2}, group_size=4, prompts_per_step=4,
-                                         lr=1e-3, grad_clip=NO_CLIP, device="cpu", distributed=distributed))
+                                         lr=1e-3, grad_clip=NO_CLIP, device="cpu", distributed=distributed, **changes))
     if sgd:
         trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.1)
     return trainer
@@ -89,6 +89,15 @@ def main(out: Path) -> None:
         t.step_idx = step
         t.update(rl_parts[rank])
     save_file(weights(t), out / f"rl_ddp-rank{rank}.safetensors")
+
+    # A sequence mean and a token mean, micro-batched on each rank. SGD: AdamW's first steps are
+    # about lr * sign(g), which turns rounding in near-cancelling gradients into 1e-5 weight gaps.
+    for loss in ("grpo", "dapo"):
+        t = rl_trainer(ddp, sgd=True, loss=loss, micro_batch_tokens=40)
+        for step in range(STEPS):
+            t.step_idx = step
+            t.update(rl_parts[rank])
+        save_file(weights(t), out / f"rl_{loss}_micro_ddp-rank{rank}.safetensors")
 
     for name, cfg in (("sgd_ddp", ddp), ("sgd_diloco", diloco_as_ddp)):
         t = rl_trainer(cfg, sgd=True)  # GRPO on 8 sequences per rank: equal shares

@@ -13,7 +13,7 @@ ROOT = Path(keel.__file__).parent
 LAYERS = [
     ["keel.errors", "keel.io", "keel.config", "keel.device", "keel.epochs", "keel.optim", "keel.runlog",
      "keel.logprobs"],
-    ["keel.models", "keel.tasks", "keel.distributed", "keel.report"],
+    ["keel.models", "keel.vocab", "keel.tasks", "keel.distributed", "keel.report"],
     ["keel.engine", "keel.resilience"],
     ["keel.completions", "keel.serve", "keel.train.loop"],
     ["keel.evaluate", "keel.export", "keel.train", "keel.label"],
