@@ -35,7 +35,7 @@ from torch import Tensor
 
 from keel.errors import KeelError
 from keel.engine.kvcache import cache_kwarg, preallocated_cache
-from keel.logprobs import entropy_BT, token_logprobs
+from keel.logprobs import entropy_BT, hidden_logprobs, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -249,8 +249,10 @@ def completion_logprobs(
     pad_id: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    logits_budget: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Teacher-forced log-probs of `completions` given `prompts`, one forward pass with grad.
+    Past `logits_budget` elements of logits (default LOGITS_BUDGET) the LM head runs in chunks.
 
     Returns (logp_BC, mask_BC, entropy_BC) with C the longest completion:
     logp_BC[i, j] = log p(completions[i][j] | prompts[i] + completions[i][:j]) under
@@ -286,9 +288,17 @@ def completion_logprobs(
     attn_BT = torch.cat([mask_BP, mask_BC], dim=1)
     pos_BT = torch.cat([pos_BP, pos_BC], dim=1)
     _check_ids(model, ids_BT, "prompts/completions (or pad_id)")
+    forward = dict(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT, use_cache=False)
+    if chunked_head(model, B * C, LOGITS_BUDGET if logits_budget is None else logits_budget):
+        # Columns [P-1, P+C-1) predict the completion tokens.
+        predicts_BT = torch.zeros_like(ids_BT, dtype=torch.bool)
+        predicts_BT[:, P - 1:P + C - 1] = True
+        logp_N, entropy_N = head_logprobs(model, forward, predicts_BT, comp_BC.flatten(), temperature, with_entropy)
+        entropy_BC = None if entropy_N is None else entropy_N.detach().view(B, C)
+        return logp_N.view(B, C), mask_BC.float(), entropy_BC
     # Logits at columns [P-1, P+C-1) predict the completion tokens. Keeping the last C+1 columns
     # and dropping the final one keeps the lm_head (and the [B, T, V] memory) to C positions.
-    out = model(input_ids=ids_BT, attention_mask=attn_BT, position_ids=pos_BT, use_cache=False, logits_to_keep=C + 1)
+    out = model(**forward, logits_to_keep=C + 1)
     logits_BCV = out.logits[:, :C, :]
     assert logits_BCV.shape[1] == C and ids_BT.shape[1] == P + C
 
@@ -298,3 +308,44 @@ def completion_logprobs(
         with torch.no_grad():
             entropy_BC = entropy_BT(logits_BCV / temperature)
     return logp_BC, mask_BC.float(), entropy_BC
+
+
+# ----------------------------------------------------------------------------- the LM head in chunks
+
+# [positions x vocabulary] logits up to this many elements are materialised in one piece (one
+# fused matmul: fastest, and what small models have always done); past it, the head runs in
+# chunks of HEAD_CHUNK positions and never holds more than one chunk's logits (keel/logprobs.py).
+# A Qwen3 vocabulary crosses it at 441 positions.
+LOGITS_BUDGET = 1 << 26  # 256 MB of fp32
+HEAD_CHUNK = 1024
+# Config fields of models that do more to their logits than hidden @ W.T + b: those keep the
+# plain path, which runs the model's own head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def output_head(model) -> tuple[Tensor, Tensor | None] | None:
+    """(weight_VH, bias_V) of the model's LM head when its logits are exactly the last hidden
+    state through that Linear; None otherwise (soft-capped or scaled logits, an adapted head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or not hasattr(model, "get_decoder"):
+        return None
+    config = getattr(model, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head.weight, head.bias
+
+
+def chunked_head(model, positions: int, logits_budget: int) -> bool:
+    """Whether `positions` positions' logits are over the budget and the model's head can be chunked."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
+    return positions * vocab > logits_budget and output_head(model) is not None
+
+
+def head_logprobs(model, forward: dict, select_BT: Tensor, tokens_N: Tensor, temperature: float,
+                  with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """log p(tokens_N) (and entropies) at the positions `select_BT` marks, from the decoder's last
+    hidden states through the LM head in chunks: differentiable, and the [N, V] logits never exist."""
+    weight_VH, bias_V = output_head(model)
+    hidden_BTH = model.get_decoder()(**forward).last_hidden_state
+    return hidden_logprobs(hidden_BTH[select_BT], weight_VH, tokens_N, temperature=temperature, chunk=HEAD_CHUNK,
+                           with_entropy=with_entropy, bias_V=bias_V)
