@@ -122,6 +122,34 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapters (Hu et al., 2021) for `sft` and `rl`, through peft: the base weights stay
+    frozen; only low-rank A, B pairs beside the targeted linear layers train, and only they get
+    gradients, optimizer state and checkpoint space. OUT/model gets them merged in (a plain HF
+    directory), OUT/adapter keeps them apart (peft's format). In a recipe: `lora: {r: 8}`;
+    `lora: {}` for these defaults."""
+    r: int = 16                  # adapter rank
+    alpha: float = 32.0          # scaling numerator: the update is (alpha / r) * B @ A
+    dropout: float = 0.0         # dropout on the adapter's input while training
+    target_modules: tuple[str, ...] | str = "all-linear"  # "all-linear" (every linear layer but the
+    #                              LM head), or module names, e.g. [q_proj, k_proj, v_proj, o_proj]
+
+    def __post_init__(self):
+        _require(isinstance(self.r, int) and self.r >= 1, f"lora: r must be an integer >= 1 (got {self.r!r})", "lora.r")
+        _require(self.alpha > 0, f"lora: alpha must be > 0 (got {self.alpha})", "lora.alpha")
+        _require(0 <= self.dropout < 1, f"lora: dropout must be in [0, 1) (got {self.dropout})", "lora.dropout")
+        names = self.target_modules
+        if isinstance(names, str):
+            _require(bool(names), "lora: target_modules must be \"all-linear\" or a list of module names",
+                     "lora.target_modules")
+        else:
+            ok = isinstance(names, (list, tuple)) and names and all(isinstance(n, str) and n for n in names)
+            _require(bool(ok), "lora: target_modules must be \"all-linear\" or a non-empty list of module names, "
+                     f"e.g. [q_proj, v_proj] (got {names!r})", "lora.target_modules")
+            object.__setattr__(self, "target_modules", tuple(names))
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """Cold-start supervised training on reasoning traces, loss on the completion only."""
     task: str = "arithmetic"     # task name or a .jsonl/.parquet file with question/answer/trace
@@ -139,6 +167,7 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | npu | xpu | mps
     dtype: str = "auto"          # auto (bf16 where the device has it, else fp32) | fp32 | bf16 | fp16
+    lora: LoraSpec | None = None  # LoRA adapters instead of full fine-tuning (None: every weight trains)
     resilience: ResilienceConfig = ResilienceConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -163,6 +192,8 @@ class RLConfig:
     micro_batch_tokens: int = 16384  # padded tokens per training forward/backward; a batch above it is split
     #                                  into micro-batches and the gradients accumulated (same update)
     rollout_batch_size: int = 0  # completions generated together (0: all of a step's at once)
+    padding_free: bool = False   # train on rollouts packed end to end (positions restart per sequence), not
+    #                              padded to the longest: ragged completions cost their real length
     gradient_checkpointing: bool = False  # recompute activations in the backward (transformers'): less memory, ~30% slower
     lr: float = 2e-4
     warmup: int = 0
@@ -184,6 +215,8 @@ class RLConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False        # torch.compile the rollout's decode step: compiles once (tens of seconds), then faster
+    lora: LoraSpec | None = None  # LoRA adapters instead of full fine-tuning; with beta > 0 the reference
+    #                                is the same model with its adapters off (no second copy)
     resilience: ResilienceConfig = ResilienceConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -297,6 +330,8 @@ def _coerce(hint, value, where: str):
             return None
         raise KeelError(f"{where}: a value is required")
     base = args[0] if args else hint
+    if dataclasses.is_dataclass(base):  # an optional section, e.g. `lora: {r: 8}`
+        return value if isinstance(value, base) else from_dict(base, value, where)
     try:
         if base is bool:
             if isinstance(value, bool):

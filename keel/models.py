@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import string
+import warnings
 from pathlib import Path
 
 import torch
@@ -250,3 +251,79 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+
+
+def with_lora(model, spec, seed: int):
+    """(peft wrapper or None, the transformers model inside it, adapters included): `model` wrapped
+    in adapters per `spec` unless it is wrapped already (or `spec` is None and it is not). Under
+    LoRA torch's global RNG is seeded here: adapter dropout draws from it, and the checkpoint
+    carries it from then on."""
+    if spec is not None and not is_lora(model):
+        model = add_lora(model, spec, seed)
+    if not is_lora(model):
+        return None, model
+    torch.manual_seed(seed)
+    return model, lora_base(model)
+
+
+def add_lora(model, spec, seed: int = 0):
+    """`model` with LoRA adapters of `spec` (a config.LoraSpec) on its linear layers, as a peft
+    PeftModel: every base weight frozen, only the adapters trainable. The adapters' A matrices are
+    drawn from a generator seeded with `seed` (B starts at zero, so the wrapped model computes
+    what `model` did); the global RNG is left where it was. peft injects the adapters into
+    `model`'s own modules: `lora_base(wrapped)` is `model`, now adapted."""
+    from peft import LoraConfig, get_peft_model
+
+    if is_lora(model):
+        raise KeelError("the model already has LoRA adapters: pass the base model, or leave lora unset", field="lora")
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=targets,
+                        task_type="CAUSAL_LM", bias="none")
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        # peft asks transformers for the pre-5.x `is_gradient_checkpointing`, which warns.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        try:
+            wrapped = get_peft_model(model, config)
+        except ValueError as e:  # target modules not found, unsupported layer types
+            raise KeelError(f"lora: {str(e).splitlines()[0]}: check target_modules against the model's "
+                            "module names", field="lora.target_modules") from e
+    return wrapped
+
+
+def is_lora(model) -> bool:
+    """Whether `model` is a peft model (keel's LoRA wrapper from `add_lora`)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft not installed: nothing can be wrapped
+        return False
+    return isinstance(model, PeftModel)
+
+
+def lora_base(model):
+    """The transformers model inside a peft model, adapters included (peft injects them into its
+    modules): a plain HF class, so the engine, the scorer and torch.compile see what they know."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def save_adapter(model, out: str | Path) -> Path:
+    """Write the LoRA adapters of peft `model` to `out` in peft's format (adapter_config.json,
+    adapter_model.safetensors), atomically; `PeftModel.from_pretrained(base, out)` loads them."""
+    out = Path(out)
+    tmp = temp_folder(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        publish_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def merge_lora(model):
+    """The plain transformers model with peft `model`'s adapters merged into its weights
+    (W + alpha / r * B @ A) and the adapter layers removed, in place: transformers loads what
+    `save_model` then writes, without peft."""
+    return model.merge_and_unload(safe_merge=True)

@@ -19,7 +19,9 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine", floo
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (norms and biases are not decayed), betas as in most LLM recipes."""
+    """AdamW over the parameters that require grad (with LoRA: the adapters only, so frozen base
+    weights get no moments), decay on matrices only (norms and biases are not decayed), betas as
+    in most LLM recipes."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]

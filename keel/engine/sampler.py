@@ -310,6 +310,59 @@ def completion_logprobs(
     return logp_BC, mask_BC.float(), entropy_BC
 
 
+def packed_completion_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    logits_budget: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`completion_logprobs` without padding: every prompt + completion laid end to end in one row,
+    position ids restarting at each sequence (transformers then masks attention block-diagonally,
+    as in SFT), so ragged completions cost their real length. Same outputs and layout as
+    `completion_logprobs` ([B, C], mask, detached entropy), equal to it to float rounding."""
+    if len(prompts) != len(completions) or not prompts or any(len(p) == 0 for p in prompts):
+        raise KeelError("packed_completion_logprobs() needs one non-empty prompt per completion, at least one pair")
+    if not temperature > 0:
+        raise KeelError(f"temperature must be > 0 for scoring, got {temperature}; use 1.0 for greedy rollouts")
+    device = _device(model)
+    B, C = len(prompts), max(len(c) for c in completions)
+    ids, positions, predicts, targets = [], [], [], []
+    for p, c in zip(prompts, completions):
+        start = len(ids) + len(p) - 1  # the position that predicts the first completion token
+        predicts += range(start, start + len(c))
+        targets += c
+        ids += p + c
+        positions += range(len(p) + len(c))
+    ids_1T = torch.tensor([ids], dtype=torch.long, device=device)
+    _check_ids(model, ids_1T, "prompts/completions")
+    forward = dict(input_ids=ids_1T, position_ids=torch.tensor([positions], device=device), use_cache=False)
+    predicts_T = torch.tensor(predicts, dtype=torch.long, device=device)
+    tokens_N = torch.tensor(targets, dtype=torch.long, device=device)
+    if chunked_head(model, len(predicts), LOGITS_BUDGET if logits_budget is None else logits_budget):
+        select_1T = torch.zeros_like(ids_1T, dtype=torch.bool)
+        select_1T[0, predicts_T] = True  # predicts is increasing: the selection keeps its order
+        logp_N, entropy_N = head_logprobs(model, forward, select_1T, tokens_N, temperature, with_entropy)
+        entropy_N = None if entropy_N is None else entropy_N.detach()
+    else:
+        logits_1NV = model(**forward).logits[:, predicts_T]
+        logp_N = token_logprobs(logits_1NV, tokens_N[None], temperature)[0]
+        entropy_N = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy_N = entropy_BT(logits_1NV / temperature)[0]
+    # Back to completion_logprobs' [B, C] layout, zeros past each completion's end.
+    mask_BC = torch.zeros((B, C), device=device)
+    for i, c in enumerate(completions):
+        mask_BC[i, :len(c)] = 1.0
+    fill = mask_BC.bool()
+    logp_BC = torch.zeros((B, C), device=device, dtype=logp_N.dtype).masked_scatter(fill, logp_N)
+    entropy_BC = None if entropy_N is None else torch.zeros_like(mask_BC).masked_scatter(fill, entropy_N)
+    return logp_BC, mask_BC, entropy_BC
+
+
 # ----------------------------------------------------------------------------- the LM head in chunks
 
 # [positions x vocabulary] logits up to this many elements are materialised in one piece (one

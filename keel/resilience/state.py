@@ -5,12 +5,14 @@ Tensors go to safetensors and everything else to JSON, so a checkpoint never nee
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
 import torch
 
 from keel.device import accelerator_rng_states, set_accelerator_rng_states
+from keel.errors import KeelError
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,12 +59,54 @@ def _jsonable(value):
     return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def model_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors for a checkpoint: all of them, or (`trainable_only`, LoRA) only the
+    parameters that train; the frozen rest is reloaded from the model directory on resume."""
+    if trainable_only:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
     # Tied weights appear under two names; safetensors refuses shared storage, flatten() copies.
     return dict(model.state_dict())
 
 
-def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], trainable_only: bool = False) -> None:
+    if trainable_only:
+        names = {name for name, p in model.named_parameters() if p.requires_grad}
+        if set(tensors) != names:
+            raise KeelError(f"the checkpoint holds {len(tensors)} trainable tensors and the model {len(names)} "
+                            f"(e.g. {sorted(set(tensors) ^ names)[:2]}): resume with the lora settings that "
+                            "wrote it, or start a fresh run", field="lora")
+        try:
+            model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:  # shapes differ: another rank r
+            raise KeelError(f"the checkpoint's adapters do not fit this model ({str(e).splitlines()[-1].strip()}): "
+                            "resume with the lora settings that wrote it", field="lora") from None
+        return
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     assert not unexpected, unexpected
     assert all("lm_head" in k for k in missing), missing  # only a tied head may be absent
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's frozen parameters (names, dtypes, shapes, bytes): what a checkpoint
+    that stores only the trainable tensors (LoRA) was trained on top of, so a resume on other base
+    weights fails instead of continuing on them silently."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+def check_frozen(saved: str | None, digest: str | None) -> None:
+    """KeelError unless a checkpoint's frozen-weights digest (`saved`, None: it holds every weight)
+    matches this run's (`digest`, None: no LoRA)."""
+    if (saved is None) != (digest is None):
+        wrote, runs = ("with", "without") if digest is None else ("without", "with")
+        raise KeelError(f"the checkpoint was written by a run {wrote} lora and this run is {runs}: resume with "
+                        "the recipe that wrote it, or start a fresh run", field="lora")
+    if saved != digest:
+        raise KeelError("the checkpoint's adapters were trained on other base weights than this run's model: "
+                        "resume with the --model the run started from, or start a fresh run", field="model")

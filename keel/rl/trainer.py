@@ -24,15 +24,15 @@ from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
-from keel.models import enable_gradient_checkpointing, special_ids
+from keel.models import enable_gradient_checkpointing, special_ids, with_lora
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.state import (load_model_state, load_optimizer_state, model_state, optimizer_state,
-                                   rng_state, set_rng_state)
+from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
+                                   optimizer_state, rng_state, set_rng_state)
 from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
 from keel.rl.losses import batch_units, policy_loss
-from keel.engine.sampler import SamplingParams, completion_logprobs
+from keel.engine.sampler import SamplingParams, completion_logprobs, packed_completion_logprobs
 from keel.tasks import get_task
 from keel.train.loop import train_loop
 
@@ -64,17 +64,19 @@ class Batch:
         return Batch(pick(self.prompts), pick(self.completions), self.rewards_B[index], self.correct_B[index],
                      self.format_B[index], self.finished_B[index], len(rows), pick(self.logprobs))
 
-    def micro_batches(self, max_tokens: int) -> list[list[int]]:
-        """Consecutive rows, grouped so that each group's padded forward (rows x (longest prompt +
-        longest completion)) stays within `max_tokens`; a row longer than that goes alone."""
-        groups, rows, longest_p, longest_c = [], [], 0, 0
+    def micro_batches(self, max_tokens: int, packed: bool = False) -> list[list[int]]:
+        """Consecutive rows, grouped so that each group's forward stays within `max_tokens`: its
+        padded size (rows x (longest prompt + longest completion)), or packed, its real tokens. A
+        row longer than that goes alone."""
+        groups, rows, longest_p, longest_c, real = [], [], 0, 0, 0
         for i, (p, c) in enumerate(zip(self.prompts, self.completions)):
             lp, lc = max(longest_p, len(p)), max(longest_c, len(c))
-            if rows and (len(rows) + 1) * (lp + lc) > max_tokens:
+            cost = real + len(p) + len(c) if packed else (len(rows) + 1) * (lp + lc)
+            if rows and cost > max_tokens:
                 groups.append(rows)
-                rows, lp, lc = [], len(p), len(c)
+                rows, lp, lc, real = [], len(p), len(c), 0
             rows.append(i)
-            longest_p, longest_c = lp, lc
+            longest_p, longest_c, real = lp, lc, real + len(p) + len(c)
         return groups + [rows] if rows else groups
 
 
@@ -106,11 +108,17 @@ def train_prompts(task, seed: int) -> list:
 class RLTrainer:
     """RL with one loss of the GRPO family; the shared training loop drives it (train/loop.py).
     Under torchrun each rank samples `prompts_per_step / ranks` prompts per step from its own
-    shard of the prompt pool, with its own sampling seed."""
+    shard of the prompt pool, with its own sampling seed.
+    With `cfg.lora` (or a model `models.add_lora` wrapped) only the adapters train: `self.peft` is the
+    peft wrapper, `self.model` the transformers model inside it, adapters included; the KL
+    reference is then that model with its adapters switched off, not a copy."""
 
     def __init__(self, model, tokenizer, cfg: RLConfig):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.device = pick_device(cfg.device)
+        self.peft, model = with_lora(model, cfg.lora, cfg.seed)
+        # LoRA checkpoints hold the adapters only; this says which base weights they belong to.
+        self.base_digest = frozen_digest(model) if self.peft is not None else None
         self.model = model.to(self.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -126,7 +134,7 @@ class RLTrainer:
         self.generator = make_generator(self.device, cfg.seed + RANK_SEED_STRIDE * rank)
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.ref = None
-        if cfg.beta > 0:  # the frozen initial policy for the KL term
+        if cfg.beta > 0 and self.peft is None:  # the frozen initial policy for the KL term
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss = cfg.loss_spec
         self.dynamic = cfg.dynamic_sampling_on
@@ -176,8 +184,26 @@ class RLTrainer:
     # -- update ------------------------------------------------------------------------------
     def _logprobs(self, model, batch: Batch, with_entropy: bool = False):
         with autocast(self.device, self.cfg.dtype):
+            if self.cfg.padding_free:
+                return packed_completion_logprobs(model, batch.prompts, batch.completions,
+                                                  temperature=self.cfg.temperature, with_entropy=with_entropy)
             return completion_logprobs(model, batch.prompts, batch.completions, pad_id=self.pad_id,
                                        temperature=self.cfg.temperature, with_entropy=with_entropy)
+
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """[B, C] log-probs of `batch`'s completions under the frozen initial policy, without grad:
+        the reference copy, or with LoRA the same model with its adapters off (B starts at zero,
+        so the base model is the initial policy), in eval mode as the copy is."""
+        with torch.no_grad():
+            if self.ref is not None:
+                return self._logprobs(self.ref, batch)[0]
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with self.peft.disable_adapter():
+                    return self._logprobs(self.model, batch)[0]
+            finally:
+                self.model.train(was_training)
 
     def step(self, injector=NO_FAULTS, apply: bool = True) -> dict:
         cfg = self.cfg
@@ -212,7 +238,7 @@ class RLTrainer:
                                              self.step_idx + 1, self.sync)
             return {"grad_norm": grad_norm, "tokens": 0}
         adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=spec.scale_by_std).to(self.device)
-        micro = [(rows, batch.subset(rows)) for rows in batch.micro_batches(cfg.micro_batch_tokens)]
+        micro = [(rows, batch.subset(rows)) for rows in batch.micro_batches(cfg.micro_batch_tokens, cfg.padding_free)]
         lengths = [len(c) for c in batch.completions]
         units = batch_units(spec, lengths)
         self.model.train()
@@ -226,9 +252,8 @@ class RLTrainer:
             else:
                 with torch.no_grad():
                     old_logp = [self._logprobs(self.model, part)[0] for _, part in micro]
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp = [self._logprobs(self.ref, part)[0] for _, part in micro]
+        if cfg.beta > 0:
+            ref_logp = [self.reference_logprobs(part) for _, part in micro]
         skipped = 0
         for _ in range(cfg.updates_per_batch):
             # Weighted so that the ranks' averaged gradient is that of the loss over all their units.
@@ -277,15 +302,18 @@ class RLTrainer:
     def state(self):
         opt_tensors, opt_meta = optimizer_state(self.optimizer)
         rng_tensors, rng_meta = rng_state()
-        tensors = {"model": model_state(self.model), "optimizer": opt_tensors,
+        lora = self.peft is not None
+        tensors = {"model": model_state(self.model, trainable_only=lora), "optimizer": opt_tensors,
                    "rng": {**rng_tensors, "sampler": self.generator.get_state()}}
         if self.ref is not None:
             tensors["ref"] = model_state(self.ref)
-        return tensors, {"step": self.step_idx, "data": {"epoch": self.prompts.epoch, "cursor": self.prompts.cursor},
-                         "optimizer": opt_meta, "rng": rng_meta}
+        meta = {"step": self.step_idx, "data": {"epoch": self.prompts.epoch, "cursor": self.prompts.cursor},
+                "optimizer": opt_meta, "rng": rng_meta}
+        return tensors, ({**meta, "base_sha256": self.base_digest} if lora else meta)
 
     def load_state(self, tensors, state) -> None:
-        load_model_state(self.model, tensors["model"])
+        check_frozen(state.get("base_sha256"), self.base_digest)
+        load_model_state(self.model, tensors["model"], trainable_only=self.peft is not None)
         if self.ref is not None:
             load_model_state(self.ref, tensors["ref"])
         load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])

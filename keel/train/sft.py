@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from keel.config import SFTConfig
 from keel.device import autocast, pick_device
 from keel.distributed import make_sync
+from keel.engine.sampler import LOGITS_BUDGET, chunked_head, head_logprobs
 from keel.epochs import Epochs
 from keel.errors import KeelError
-from keel.models import enable_gradient_checkpointing, render_prompt, special_ids
+from keel.models import enable_gradient_checkpointing, render_prompt, special_ids, with_lora
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.state import (load_model_state, load_optimizer_state, model_state, optimizer_state,
-                                   rng_state, set_rng_state)
+from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
+                                   optimizer_state, rng_state, set_rng_state)
 from keel.tasks import get_task
 from keel.train.loop import train_loop
 
@@ -109,10 +110,17 @@ class Batches(Epochs):
             self.cursor += 1
 
 
-def completion_loss(model, batch: Packed) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over completion tokens, and how many there were."""
-    logits = model(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False).logits
-    n = int((batch.labels_BT != IGNORE).sum())
+def completion_loss(model, batch: Packed, logits_budget: int = LOGITS_BUDGET) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over completion tokens, and how many there were. Past
+    `logits_budget` elements of logits, only the completion positions go through the LM head, in
+    chunks (engine.sampler.head_logprobs): the [B, T, V] logits are never built."""
+    forward = dict(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False)
+    predicts_BT = batch.labels_BT != IGNORE
+    n = int(predicts_BT.sum())
+    if chunked_head(model, batch.labels_BT.numel(), logits_budget):
+        logp_N, _ = head_logprobs(model, forward, predicts_BT, batch.labels_BT[predicts_BT], 1.0, False)
+        return -logp_N.mean(), n
+    logits = model(**forward).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels_BT.flatten(), ignore_index=IGNORE)
     return loss, n
 
@@ -120,11 +128,16 @@ def completion_loss(model, batch: Packed) -> tuple[torch.Tensor, int]:
 class SFTTrainer:
     """One packed batch per step, driven by the shared training loop (train/loop.py); state()
     holds everything needed to continue exactly.
-    Under torchrun each rank trains on its own shard of the traces, `batch_tokens / ranks` per step."""
+    Under torchrun each rank trains on its own shard of the traces, `batch_tokens / ranks` per step.
+    With `cfg.lora` (or a model `models.add_lora` wrapped) only the adapters train: `self.peft` is the
+    peft wrapper, `self.model` the transformers model inside it, adapters included."""
 
     def __init__(self, model, tokenizer, cfg: SFTConfig):
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        self.peft, model = with_lora(model, cfg.lora, cfg.seed)
+        # LoRA checkpoints hold the adapters only; this says which base weights they belong to.
+        self.base_digest = frozen_digest(model) if self.peft is not None else None
         self.model = model.to(self.device).train()
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -179,12 +192,15 @@ class SFTTrainer:
     def state(self):
         opt_tensors, opt_meta = optimizer_state(self.optimizer)
         rng_tensors, rng_meta = rng_state()
-        tensors = {"model": model_state(self.model), "optimizer": opt_tensors, "rng": rng_tensors}
-        return tensors, {"step": self.step_idx, "data": {"epoch": self.batches.epoch, "cursor": self.batches.cursor},
-                         "optimizer": opt_meta, "rng": rng_meta}
+        lora = self.peft is not None
+        tensors = {"model": model_state(self.model, trainable_only=lora), "optimizer": opt_tensors, "rng": rng_tensors}
+        meta = {"step": self.step_idx, "data": {"epoch": self.batches.epoch, "cursor": self.batches.cursor},
+                "optimizer": opt_meta, "rng": rng_meta}
+        return tensors, ({**meta, "base_sha256": self.base_digest} if lora else meta)
 
     def load_state(self, tensors, state) -> None:
-        load_model_state(self.model, tensors["model"])
+        check_frozen(state.get("base_sha256"), self.base_digest)
+        load_model_state(self.model, tensors["model"], trainable_only=self.peft is not None)
         load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
         set_rng_state(tensors["rng"], state["rng"])
         self.step_idx = state["step"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from keel.distributed import shutdown
 from keel.distributed.world import main_process
 from keel.errors import KeelError
-from keel.models import load_model, save_model
+from keel.models import add_lora, is_lora, load_model, merge_lora, save_adapter, save_model
 
 # (model, tokenizer, stage config, run folder) -> metrics rows: keel.train.sft.sft, keel.rl.trainer.rl
 Train = Callable[[object, object, object, Path], list]
@@ -24,12 +24,22 @@ def check_unfinished(out: str | Path) -> None:
 def train_stage(train: Train, cfg, model_dir: str | Path, out: str | Path) -> Path | None:
     """Load `model_dir`, train it with `train` under `cfg` into the run folder `out`, and write the
     result to OUT/model (a plain HF directory); returns its path. Under torchrun every rank trains
-    and rank 0 writes the model (the others return None)."""
+    and rank 0 writes the model (the others return None).
+    With `cfg.lora` the adapters train on the frozen base: rank 0 writes them to OUT/adapter (peft's
+    format), then merges them in, so OUT/model is a plain HF directory that needs no peft. Each
+    folder is written atomically; OUT/model last, as it marks the run finished."""
     out = Path(out)
     check_unfinished(out)
     model, tokenizer = load_model(model_dir)
+    if getattr(cfg, "lora", None) is not None:
+        model = add_lora(model, cfg.lora, cfg.seed)  # the trainer's own wrapping, done here to keep the wrapper
     try:
         train(model, tokenizer, cfg, out)
     finally:
         shutdown()
-    return save_model(model, tokenizer, out / "model") if main_process() else None
+    if not main_process():
+        return None
+    if is_lora(model):
+        save_adapter(model, out / "adapter")
+        model = merge_lora(model)
+    return save_model(model, tokenizer, out / "model")

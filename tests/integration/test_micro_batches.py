@@ -128,3 +128,31 @@ def test_rollout_batch_size_generates_in_chunks_of_that_many_rows(monkeypatch):
                                              max_new_tokens=4, device="cpu", rollout_batch_size=5))
     batch = trainer.collect()
     assert sizes == [5, 5, 2] and len(batch.completions) == 12 and len(batch.logprobs) == 12
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_padding_free_rl_update_is_the_padded_update(loss):
+    rows, grads = {}, {}
+    for padding_free, budget in ((False, 16384), (True, 16384), (True, 40)):
+        model, tok = init_model("qwen3", layers=2, hidden=64, seed=0)
+        cfg = RLConfig(loss=loss, task_options={"digits": 2}, group_size=4, prompts_per_step=3, grad_clip=NO_CLIP,
+                       beta=0.02, updates_per_batch=2, max_new_tokens=16, device="cpu", padding_free=padding_free,
+                       micro_batch_tokens=budget)
+        trainer = RLTrainer(model, tok, cfg)
+        grads[padding_free, budget] = record_grads(trainer)
+        rows[padding_free, budget] = trainer.update(rl_batch(tok))
+    for key in ((True, 16384), (True, 40)):
+        assert_grads_close(grads[False, 16384], grads[key])
+        for stat in ("loss", "clip_frac", "kl", "entropy"):
+            assert rows[key][stat] == pytest.approx(rows[False, 16384][stat], rel=1e-5, abs=1e-7), (key, stat)
+
+
+def test_packed_micro_batches_count_real_tokens():
+    _, tok = init_model("qwen3", layers=1, hidden=32, seed=0)
+    batch = rl_batch(tok)
+    real = [len(p) + len(c) for p, c in zip(batch.prompts, batch.completions)]
+    for budget in (1, 40, 100, 10_000):
+        groups = batch.micro_batches(budget, packed=True)
+        assert [i for g in groups for i in g] == list(range(12))
+        assert all(sum(real[i] for i in g) <= budget or len(g) == 1 for g in groups)
+    assert len(batch.micro_batches(100, packed=True)) < len(batch.micro_batches(100))  # padding no longer counts

@@ -74,6 +74,19 @@ def test_demo_recipe_is_the_embedded_default():
     assert load_recipe(RECIPES / "demo.yaml", DemoConfig) == DemoConfig()
 
 
+def test_qwen3_recipe_loads_as_documented(tmp_path):
+    from keel.config import LoraSpec
+
+    cfg = load_recipe(RECIPES / "qwen3-0.6b.yaml", RLConfig)
+    assert cfg.task.endswith(".jsonl") and cfg.loss == "grpo" and cfg.dtype == "bf16" and cfg.device == "auto"
+    assert (cfg.prompts_per_step, cfg.group_size, cfg.max_new_tokens) == (8, 8, 1024)
+    assert cfg.rollout_batch_size == 64 and cfg.micro_batch_tokens == 16384 and cfg.gradient_checkpointing
+    assert cfg.lora is None
+    on = tmp_path / "lora.yaml"  # the commented-out LoRA line, switched on, loads too
+    on.write_text((RECIPES / "qwen3-0.6b.yaml").read_text().replace("# lora: {", "lora: {"))
+    assert load_recipe(on, RLConfig).lora == LoraSpec(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+
+
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RLConfig().steps = 3
