@@ -159,7 +159,8 @@ class SFTConfig:
     steps: int = 300             # optimizer steps
     batch_tokens: int = 4096     # tokens per packed batch (no padding), over all ranks: each packs its share
     micro_batch_tokens: int = 16384  # tokens per forward/backward; a batch above it is split, gradients accumulated
-    gradient_checkpointing: bool = False  # recompute activations in the backward (transformers'): less memory, ~30% slower
+    gradient_checkpointing: bool | None = None  # recompute activations in the backward: less memory, ~30% slower
+    #                                           (None: on for models of 100M+ parameters)
     lr: float = 3e-3             # peak AdamW learning rate
     warmup: int = 20             # linear warm-up steps, then cosine decay to 10%
     weight_decay: float = 0.0
@@ -194,7 +195,8 @@ class RLConfig:
     rollout_batch_size: int = 0  # completions generated together (0: all of a step's at once)
     padding_free: bool = False   # train on rollouts packed end to end (positions restart per sequence), not
     #                              padded to the longest: ragged completions cost their real length
-    gradient_checkpointing: bool = False  # recompute activations in the backward (transformers'): less memory, ~30% slower
+    gradient_checkpointing: bool | None = None  # recompute activations in the backward: less memory, ~30% slower
+    #                                           (None: on for models of 100M+ parameters)
     lr: float = 2e-4
     warmup: int = 0
     lr_schedule: str = "constant"  # constant | cosine (to 10% of lr)

@@ -240,10 +240,21 @@ def render_prompt(tokenizer, question: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def enable_gradient_checkpointing(model) -> None:
+CHECKPOINTING_PARAMS = 100_000_000  # `gradient_checkpointing: null` turns it on from this model size
+
+
+def enable_gradient_checkpointing(model, setting: bool | None = True) -> bool:
     """Recompute each decoder layer's activations in the backward instead of keeping them
     (transformers' own checkpointing, non-reentrant): activation memory falls from one copy per
-    layer to about one layer's, for roughly a third more compute."""
+    layer to about one layer's, for roughly a third more compute. `setting` None decides by size:
+    on from CHECKPOINTING_PARAMS parameters, where a 16k-token micro-batch's activations outweigh
+    the weights (every released reasoning model; none of the demo's). Returns whether it is on."""
+    if setting is None:
+        setting = sum(p.numel() for p in model.parameters()) >= CHECKPOINTING_PARAMS
+        if setting and not getattr(model, "supports_gradient_checkpointing", False):
+            return False  # a size default, not the user's ask: train without it
+    if not setting:
+        return False
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise KeelError(f"{type(model).__name__} does not support gradient checkpointing; set it to false",
                         field="gradient_checkpointing")
@@ -251,6 +262,7 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
 
 
 # ----------------------------------------------------------------------------- LoRA (peft)

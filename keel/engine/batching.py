@@ -45,12 +45,21 @@ class Request:
     generator: torch.Generator | None = None   # seeded, on the backend's device; unused when greedy
     stop_ids: Collection[int] = ()              # end the row like EOS (the stop token is kept)
     top_k: int = 0                              # record each step's top-k token ids (parity checks)
+    presence_penalty: float = 0.0               # OpenAI's: logits[j] -= c[j] * frequency + (c[j] > 0) * presence,
+    frequency_penalty: float = 0.0              # c[j] = times token j was generated so far in this request
+    top_logprobs: int = -1                      # >= 0: record raw log-probs (chosen token and top-N) per step
+    prompt_logprobs: bool = False               # record the raw log-prob of each prompt token (the first: None)
+    score_only: bool = False                    # prefill only (echo with max_tokens 0): no token is sampled
     on_token: Callable[["Request", int], None] | None = None  # called on the engine thread per token
     on_done: Callable[["Request"], None] | None = None        # called once when the request ends
     # outputs
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     topk: list[list[int]] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)     # log_softmax(model logits) of each token
+    raw_top: list[list[tuple[int, float]]] = field(default_factory=list)  # per step: top_logprobs (id, logprob)
+    prompt_scores: list[tuple[float | None, list[tuple[int, float]]]] = field(default_factory=list)
+    counts: torch.Tensor | None = None  # [V] generated-token counts, kept only when a penalty is set
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     cancelled: bool = False            # set from any thread; the engine drops the row next step
@@ -146,6 +155,11 @@ class Engine:
                                                torch.arange(P).unsqueeze(0), self.backend.empty_past(1))
         self.stats.admitted += 1
         self.stats.prompt_tokens += P
+        if req.prompt_logprobs:
+            _score_prompt(req, logits[0])
+        if req.score_only:
+            self._finish(req, "length")
+            return
         if self._emit(req, logits[:, -1, :]):
             return
         T = self._mask_BT.shape[1] if self._rows else 0
@@ -182,10 +196,22 @@ class Engine:
 
     def _emit(self, req: Request, logits_1V: Tensor) -> bool:
         """Sample one token for `req`, record it, and say whether the request is now finished."""
+        raw_1V = logits_1V
+        if req.presence_penalty or req.frequency_penalty:
+            if req.counts is None:
+                req.counts = torch.zeros(logits_1V.shape[-1], device=logits_1V.device)
+            logits_1V = (logits_1V.float() - req.counts * req.frequency_penalty
+                         - (req.counts > 0).float() * req.presence_penalty)
         tok, logp = sample_next(logits_1V, req.params, req.generator)
         token = int(tok[0])
         req.tokens.append(token)
         req.logprobs.append(float(logp[0]))
+        if req.counts is not None:
+            req.counts[token] += 1
+        if req.top_logprobs >= 0:
+            lp_V = torch.log_softmax(raw_1V[0].float(), -1)
+            req.raw_logprobs.append(float(lp_V[token]))
+            req.raw_top.append(_top(lp_V, req.top_logprobs))
         if req.top_k:
             req.topk.append(logits_1V[0].topk(min(req.top_k, logits_1V.shape[-1])).indices.tolist())
         self.stats.generated_tokens += 1
@@ -269,6 +295,23 @@ class Engine:
             except Exception as e:  # a broken backend must not hang every client forever
                 self.fail_all(f"{type(e).__name__}: {e}")
         self.fail_all("the server is shutting down")
+
+
+def _top(lp_V: Tensor, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    values, ids = lp_V.topk(min(k, lp_V.shape[-1]))
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def _score_prompt(req: Request, logits_PV: Tensor) -> None:
+    """The raw log-prob of each prompt token given the ones before it (None for the first), with
+    the top `req.top_logprobs` alternatives at each position."""
+    lp_PV = torch.log_softmax(logits_PV.float(), -1)
+    ids = torch.tensor(req.prompt[1:], dtype=torch.long, device=lp_PV.device)
+    chosen = lp_PV[:-1].gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist() if len(req.prompt) > 1 else []
+    k = max(req.top_logprobs, 0)
+    req.prompt_scores = [(None, [])] + [(c, _top(lp_PV[i], k)) for i, c in enumerate(chosen)]
 
 
 def _pad_left(t: Tensor, n: int) -> Tensor:

@@ -120,8 +120,7 @@ class RLTrainer:
         # LoRA checkpoints hold the adapters only; this says which base weights they belong to.
         self.base_digest = frozen_digest(model) if self.peft is not None else None
         self.model = model.to(self.device)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        enable_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
         self.sync = make_sync(cfg.distributed, self.model, self.device)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         if cfg.prompts_per_step % ranks:

@@ -7,6 +7,12 @@ This module owns the app and its routes only: what is served (`ServedModel`), th
 handlers, the auth and body-parsing glue, `serve` and `background_server`. Building engine
 requests and OpenAI responses is `keel.serve.openai`'s; the counters are `keel.serve.metrics`'.
 
+A completions prompt is a string, token ids, or a batch of either; with `n` samples per prompt the
+choices come back with index = prompt index * n + sample index, all run together on the engine.
+Streaming interleaves the choices' chunks, each with its choice's index; logprobs and echo are
+not streamed (a 400 with stream: true). `logprobs` (chat: with `top_logprobs`; completions: an int, with `echo` for the prompt's
+own tokens) are the model's raw log-softmax, before temperature and penalties.
+
 Every failure a client can cause gets the OpenAI error object with a 4xx status: 400 for a body
 that is not JSON, a missing or mistyped field, a value out of range or a prompt that does not fit
 the context; 401 for a wrong API key; 404 for an unknown model or route; 413 for a body over the
@@ -35,9 +41,9 @@ from keel.config import ServeConfig
 from keel.errors import KeelError
 from keel.engine.batching import Engine
 from keel.serve.metrics import CountStatus, ServeMetrics
-from keel.serve.openai import (ApiError, Generation, RequestBuilder, chat_chunks, chat_completion_object,
-                               chat_opening, chat_reply, completion_chunks, completion_object, completion_prompt_ids,
-                               completion_reply, read_body, render_messages, streaming_response)
+from keel.serve.openai import (ApiError, Generation, RequestBuilder, chat_chunks, chat_logprobs, chat_opening,
+                               chat_reply, completion_chunks, completion_logprobs, completion_prompt_ids,
+                               completion_reply, merge_usage, read_body, render_messages, run_all, streaming_response)
 from keel.serve.schemas import ChatCompletionRequest, CompletionRequest, describe, error_body
 from keel.serve.text import THINK_OPEN, TextStream
 
@@ -165,28 +171,66 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0, "owned_by": "keel",
                                             "max_model_len": served.context}]}
 
+    def submit_all(reqs, streams) -> list[Generation]:
+        """Queue every choice; if one is refused, the ones already queued are cancelled."""
+        gens = []
+        try:
+            for req, stream in zip(reqs, streams):
+                gens.append(Generation.submit(served.engine, req, stream, metrics))
+        except ApiError:
+            for g in gens:
+                g.req.cancel()
+            raise
+        return gens
+
+    def stream_checks(body) -> None:
+        if body.stream and body.logprobs is not None and body.logprobs is not False:
+            raise ApiError(400, "logprobs is not supported with stream: true", "invalid_value", "logprobs")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
         body = await _parse(request, ChatCompletionRequest, cfg, served.name)
+        stream_checks(body)
         text = render_messages(tok, body.messages)
-        req = requests.build(body, tok.encode(text, add_special_tokens=False))
+        ids = tok.encode(text, add_special_tokens=False)
+        reqs = [requests.build(body, ids, i) for i in range(body.n)]
         # a template that opens the think block itself: the model's first tokens are reasoning
-        stream = TextStream(tok, body.stop_list(), in_think=text.rstrip().endswith(THINK_OPEN))
-        gen, reply = Generation.submit(served.engine, req, stream, metrics), chat_reply(served.name)
+        streams = [TextStream(tok, body.stop_list(), in_think=text.rstrip().endswith(THINK_OPEN)) for _ in reqs]
+        gens, reply = submit_all(reqs, streams), chat_reply(served.name)
         if body.stream:
-            return streaming_response(request, gen, reply, chat_chunks, include_usage=body.include_usage(),
+            return streaming_response(request, gens, reply, chat_chunks, include_usage=body.include_usage(),
                                       opening=[chat_opening(reply)])
-        return chat_completion_object(reply, gen, await gen.finish_reason(request))
+        finishes = await run_all(request, gens)
+        choices = []
+        for i, (gen, finish) in enumerate(zip(gens, finishes)):
+            message = {"role": "assistant", "content": gen.text.sent_content}
+            if gen.text.sent_reasoning:
+                message["reasoning_content"] = gen.text.sent_reasoning
+            choices.append(reply.choice(i, {"message": message}, finish, chat_logprobs(tok, gen, served.eos_id)))
+        return {**reply.chunk({}, None, "chat.completion"), "choices": choices, "usage": merge_usage(gens, 1)}
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         body = await _parse(request, CompletionRequest, cfg, served.name)
-        req = requests.build(body, completion_prompt_ids(tok, body.prompt))
-        stream = TextStream(tok, body.stop_list(), reasoning=False)
-        gen, reply = Generation.submit(served.engine, req, stream, metrics), completion_reply(served.name)
+        prompts = body.prompts()
+        stream_checks(body)
+        ids = [completion_prompt_ids(tok, p) for p in prompts]
+        reqs = [requests.build(body, p_ids, k * body.n + i) for k, p_ids in enumerate(ids) for i in range(body.n)]
+        streams = [TextStream(tok, body.stop_list(), reasoning=False) for _ in reqs]
+        gens, reply = submit_all(reqs, streams), completion_reply(served.name)
         if body.stream:
-            return streaming_response(request, gen, reply, completion_chunks, include_usage=body.include_usage())
-        return completion_object(reply, gen, await gen.finish_reason(request))
+            return streaming_response(request, gens, reply, completion_chunks, include_usage=body.include_usage(),
+                                      prompts=len(prompts))
+        finishes = await run_all(request, gens)
+        choices = []
+        for j, (gen, finish) in enumerate(zip(gens, finishes)):
+            text = gen.text.sent_content
+            if body.echo:
+                prompt = prompts[j // body.n]
+                text = (prompt if isinstance(prompt, str) else tok.decode(prompt, skip_special_tokens=False)) + text
+            choices.append(reply.choice(j, {"text": text}, finish,
+                                        completion_logprobs(tok, gen, served.eos_id, body.echo)))
+        return {**reply.chunk({}, None), "choices": choices, "usage": merge_usage(gens, len(prompts))}
 
     return app
 

@@ -4,7 +4,8 @@ and from the engine's tokens to the OpenAI objects a client reads.
 Owns: `ApiError` (a refusal with its status and OpenAI error fields), reading a body under the size
 limit, rendering chat messages, `RequestBuilder` (context and vocabulary checks, sampling
 parameters, the per-request seed), `Generation` (one request on the engine and the async stream
-of its text deltas), `Reply` and the chat-chunk / completion-choice builders, and the one SSE
+of its text deltas), `Reply` and the chat-chunk / completion-choice builders, the OpenAI
+`logprobs` objects (chat's `content[]` and the legacy completions one), and the one SSE
 response both routes stream through. The routes themselves live in `keel.serve.app`.
 """
 
@@ -74,10 +75,8 @@ def render_messages(tokenizer, messages) -> str:
         raise ApiError(400, str(e), "invalid_messages", "messages") from None
 
 
-def completion_prompt_ids(tokenizer, prompt: str | list[str] | list[int]) -> list[int]:
-    """Token ids of a completions prompt: a string, a one-string list, or ids as given."""
-    if isinstance(prompt, list) and isinstance(prompt[0], str):
-        prompt = prompt[0]
+def completion_prompt_ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of one completions prompt: a string, or ids as given."""
     return tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
 
 
@@ -93,13 +92,24 @@ class RequestBuilder:
         self._seeds = random.Random(seed)
         self._seeds_lock = threading.Lock()
 
-    def build(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> Request:
+    def build(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int], choice: int = 0) -> Request:
+        """The engine request of one choice; `choice` (prompt index * n + sample index) offsets a
+        client's seed, so the n samples of a seeded request differ and choice 0 matches n=1."""
         max_tokens = self._max_tokens(body, prompt)
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ApiError(400, f"the prompt has a token id outside [0, {self.vocab_size})", "invalid_value", "prompt")
         temperature = 1.0 if body.temperature is None else body.temperature
-        params = SamplingParams(temperature, 1.0 if body.top_p is None else body.top_p, max_tokens)
-        return Request(prompt, params, self._generator(body.seed) if temperature > 0 else None)
+        params = SamplingParams(temperature, 1.0 if body.top_p is None else body.top_p, max(max_tokens, 1))
+        seed = None if body.seed is None else body.seed + choice
+        req = Request(prompt, params, self._generator(seed) if temperature > 0 else None,
+                      presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0)
+        if isinstance(body, CompletionRequest):
+            req.top_logprobs = -1 if body.logprobs is None else body.logprobs
+            req.prompt_logprobs = body.echo and body.logprobs is not None
+            req.score_only = max_tokens == 0
+        elif body.logprobs:
+            req.top_logprobs = body.top_logprobs or 0
+        return req
 
     def _max_tokens(self, body: ChatCompletionRequest | CompletionRequest, prompt: list[int]) -> int:
         """The completion budget: the body's, or the default capped by what the context leaves."""
@@ -227,6 +237,9 @@ class Reply:
         """The last streamed chunk when the client asked for usage: no choices, only the counts."""
         return {**self._envelope(), "choices": [], "usage": usage}
 
+    def choice(self, index: int, part: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+        return {"index": index, **part, "logprobs": logprobs, "finish_reason": finish}
+
     def _envelope(self, object_: str | None = None) -> dict:
         return {"id": self.id, "object": object_ or self.chunk_object, "created": self.created, "model": self.model}
 
@@ -262,17 +275,73 @@ def completion_chunks(reply: Reply, d_reasoning: str, d_content: str, finish: st
     return [reply.chunk({"text": d_content}, finish)]
 
 
-def chat_completion_object(reply: Reply, gen: Generation, finish: str | None) -> dict:
-    """The whole (non-streamed) chat answer."""
-    message = {"role": "assistant", "content": gen.text.sent_content}
-    if gen.text.sent_reasoning:
-        message["reasoning_content"] = gen.text.sent_reasoning
-    return {**reply.chunk({"message": message}, finish, "chat.completion"), "usage": gen.usage}
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
 
 
-def completion_object(reply: Reply, gen: Generation, finish: str | None) -> dict:
-    """The whole (non-streamed) completion."""
-    return {**reply.chunk({"text": gen.text.sent_content}, finish), "usage": gen.usage}
+def _generated(gen: Generation, eos_id: int) -> list[int]:
+    """The indices of the generated tokens a client is told about: all but a final EOS."""
+    n = len(gen.req.tokens)
+    return list(range(n - 1 if n and gen.req.tokens[-1] == eos_id else n))
+
+
+def chat_logprobs(tokenizer, gen: Generation, eos_id: int) -> dict | None:
+    """OpenAI's chat `logprobs` object: the raw model log-prob of each generated token, with its
+    `top_logprobs` alternatives."""
+    req = gen.req
+    if req.top_logprobs < 0:
+        return None
+
+    def entry(token: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(req.tokens[i], req.raw_logprobs[i]),
+                         "top_logprobs": [entry(t, lp) for t, lp in req.raw_top[i]]}
+                        for i in _generated(gen, eos_id)]}
+
+
+def completion_logprobs(tokenizer, gen: Generation, eos_id: int, echo: bool) -> dict | None:
+    """The legacy completions `logprobs` object {tokens, token_logprobs, top_logprobs, text_offset}:
+    with echo, the prompt's tokens first (the first one has no log-prob: null)."""
+    req = gen.req
+    if req.top_logprobs < 0:
+        return None
+    ids: list[int] = []
+    chosen: list[float | None] = []
+    tops: list[dict | None] = []
+    if echo:
+        for token, (lp, top) in zip(req.prompt, req.prompt_scores):
+            ids.append(token)
+            chosen.append(lp)
+            tops.append(None if lp is None else {_token_text(tokenizer, t): v for t, v in top})
+    for i in _generated(gen, eos_id):
+        ids.append(req.tokens[i])
+        chosen.append(req.raw_logprobs[i])
+        tops.append({_token_text(tokenizer, t): v for t, v in req.raw_top[i]})
+    texts = [_token_text(tokenizer, t) for t in ids]
+    offsets, at = [], 0
+    for t in texts:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": texts, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def run_all(request: HttpRequest, gens: list[Generation]) -> list[str | None]:
+    """Run every choice of a request to its end, together on the engine."""
+    try:
+        return list(await asyncio.gather(*(g.finish_reason(request) for g in gens)))
+    finally:
+        for g in gens:
+            g.req.cancel()
+
+
+def merge_usage(gens: list[Generation], prompts: int) -> dict:
+    """One usage object for all choices: each prompt's tokens counted once."""
+    n = len(gens) // max(prompts, 1)
+    prompt = sum(g.usage.get("prompt_tokens", 0) for g in gens[::n]) if n else 0
+    completion = sum(g.usage.get("completion_tokens", 0) for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(obj) -> str:
@@ -283,19 +352,52 @@ def sse(obj) -> str:
 SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end-of-stream marker
 
 
-def streaming_response(request: HttpRequest, gen: Generation, reply: Reply, to_chunks: ToChunks, *,
-                       include_usage: bool, opening: Iterable[dict] = ()) -> StreamingResponse:
-    """The SSE response of both routes: `opening`, then the chunks `to_chunks` makes of each delta,
-    then the usage chunk if asked for (usage is known only once generation ended), then [DONE]."""
+def streaming_response(request: HttpRequest, gens: list[Generation], reply: Reply, to_chunks: ToChunks, *,
+                       include_usage: bool, prompts: int = 1, opening: Iterable[dict] = ()) -> StreamingResponse:
+    """The SSE response of both routes: `opening` (once per choice), then the chunks `to_chunks`
+    makes of each choice's deltas as they come, each carrying its choice's index, then the usage
+    chunk if asked for (usage is known only once generation ended), then [DONE]."""
 
     async def events():
-        for obj in opening:
-            yield sse(obj)
-        async for d_r, d_c, finish in gen.stream_deltas(request):
-            for obj in to_chunks(reply, d_r, d_c, finish):
-                yield sse(obj)
+        for i in range(len(gens)):
+            for obj in opening:
+                yield sse(_indexed(obj, i))
+        merged: asyncio.Queue = asyncio.Queue()
+        failed: list[BaseException] = []
+
+        async def pump(i: int, gen: Generation):
+            try:
+                async for delta in gen.stream_deltas(request):
+                    await merged.put((i, delta))
+            except Exception as e:  # re-raised below, once every choice has stopped
+                failed.append(e)
+            finally:
+                await merged.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            running = len(gens)
+            while running:
+                i, delta = await merged.get()
+                if delta is None:
+                    running -= 1
+                    continue
+                for obj in to_chunks(reply, *delta):
+                    yield sse(_indexed(obj, i))
+            if failed:
+                raise failed[0]
+        finally:
+            for t in tasks:
+                t.cancel()
+            for g in gens:
+                g.req.cancel()
         if include_usage:
-            yield sse(reply.usage_chunk(gen.usage))
+            yield sse(reply.usage_chunk(merge_usage(gens, prompts)))
         yield SSE_DONE
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _indexed(obj: dict, index: int) -> dict:
+    obj["choices"][0]["index"] = index
+    return obj

@@ -20,6 +20,16 @@ returns None/False/0.0 instead) and does bounded work on any input. The guards, 
   `((x+1)^99)^99` vs `1`) nor exact roots (seconds factorising `sqrt(123...^99)`). `sympify` is
   never used.
 - `format_reward` uses `str.count`/`str.find` rather than a backtracking regex: linear on any input.
+- LaTeX equivalence beyond keel's own exact checks (`\\frac12`, units, `\\text{}`, `^\\circ`, `%`,
+  `x=3`, sets, intervals, matrices, `\\log`, `\\binom`, `10!`, ...) is math-verify's, run by
+  `keel.tasks.latex_answers` in a worker process with a per-check deadline and an input pre-filter
+  (never `signal.alarm`, which math-verify would use and which breaks off the main thread). It is
+  only asked when keel's exact checks cannot decide; without math-verify installed, answers_match
+  still works as before on plain numbers, whitelisted expressions and strings.
+- A hedged answer ("6 or 5", `\\boxed{6} or \\boxed{5}`) is wrong even when one candidate is right:
+  rewarding it would teach a policy to list candidates.
+- The Unicode minus sign (U+2212) is read as "-" when answers are compared (and by the last-number
+  fallback), but kept in extracted answers, which countdown checks as expressions.
 """
 
 from __future__ import annotations
@@ -27,6 +37,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from fractions import Fraction
+
+from keel.tasks import latex_answers
 
 MAX_TAIL_CHARS = 20_000  # extract_answer only looks at this many trailing characters
 MAX_NUMBER_CHARS = 100  # parse_number refuses longer strings
@@ -45,8 +57,18 @@ _SAFE_EXPONENT = re.compile(  # ^ or ** then a 1-2 digit number, a letter, (n) o
     r"(?:\^|\*\*)\s*(?:-?\s*[0-9]{1,2}(?![0-9.])|[a-z](?![a-z(])|\(\s*-?\s*[0-9]{1,2}\s*(?:/\s*[0-9]{1,2}\s*)?\))"
     r"(?!\s*(?:\^|\*\*))"
 )
+_SCIENTIFIC = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][+-]?[0-9]{1,3}")
+# "or" between candidates, "either", \lor: several answers offered at once.
+_HEDGE = re.compile(r"(?i)\bor\b|\beither\b|\\lor(?![a-z])")
+# "the answer is", "final answer:", "answer =": the final answer follows in prose.
+_ANCHOR = re.compile(r"(?i)\banswer\s*(?:is\b|would be\b|will be\b|[:=])\s*(?:[:=]\s*)?")
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n|;")
+_MATHY = re.compile(r"[\\^{}()\[\]/!=]")
+_DOLLARS = re.compile(r"\$([^$]{1,400})\$|\\\((.{1,400}?)\\\)")
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _SQRT = re.compile(r"\\sqrt\s*\{([^{}]*)\}")
+# A mixed number: "2\\frac{1}{2}" is 2 + 1/2 (MATH's convention, and math-verify's), not 2 * 1/2.
+_MIXED = re.compile(r"(?<![0-9.}^_])([0-9]+)\s*\\[dt]?frac\s*\{\s*([0-9]+)\s*\}\s*\{\s*([0-9]+)\s*\}")
 
 
 def _ascii_digits(s: str) -> str:
@@ -58,6 +80,58 @@ def _ascii_digits(s: str) -> str:
         d = unicodedata.decimal(ch, None) if not ch.isascii() else None
         out.append(str(d) if d is not None else ch)
     return "".join(out)
+
+
+def _ascii_math(s: str) -> str:
+    """_ascii_digits, and the minus sign U+2212 read as "-". Used when comparing answers, not when
+    extracting them: countdown's expression check must still see a Unicode minus as foreign."""
+    return _ascii_digits(s).replace("\u2212", "-")
+
+
+def _boxed_hedge(text: str) -> str | None:
+    """"A or B" when the text ends with two different boxed answers joined only by "or", "," or
+    "and" (`\\boxed{6} or \\boxed{5}`), else None. `text` is at most MAX_TAIL_CHARS long."""
+    last = text.rfind("\\boxed{")
+    if last <= 0:
+        return None
+    prev = text.rfind("\\boxed{", 0, last)
+    if prev < 0:
+        return None
+    a, b = _last_boxed(text[:last]), _last_boxed(text)
+    if a is None or b is None or a == b:
+        return None
+    close = text.rfind("}", prev, last)  # end of the earlier box
+    between = text[close + 1 : last].replace("$", "").replace("\\text", "").strip(" {},.\n")
+    if between.lower() in ("or", "and", "", "and/or"):
+        return f"{a} or {b}"
+    return None
+
+
+def _prose_final(text: str) -> str | None:
+    """The answer after the last "answer is" / "answer:" of `text`, up to the end of its sentence:
+    the math in `$...$` if any; the whole phrase if it hedges or is LaTeX-like; else its first
+    number ("18 dollars" -> "18"); else the phrase itself if short. None without such a phrase."""
+    anchor = None
+    for anchor in _ANCHOR.finditer(text):  # linear: one pass, no backtracking across matches
+        pass
+    if anchor is None:
+        return None
+    rest = text[anchor.end() : anchor.end() + 400]
+    dollars = _DOLLARS.search(rest)
+    if dollars is not None and dollars.start() < 3:
+        return (dollars.group(1) or dollars.group(2)).strip()
+    end = _SENTENCE_END.search(rest)
+    phrase = (rest[: end.start()] if end else rest).strip().strip("*").strip()
+    if dollars is not None and dollars.end() <= (end.start() if end else len(rest)):
+        return (dollars.group(1) or dollars.group(2)).strip()
+    if not phrase:
+        return None
+    if _HEDGE.search(phrase) or _MATHY.search(phrase):
+        return phrase
+    numbers = _NUMBER_IN_TEXT.findall(phrase)
+    if numbers:
+        return numbers[0]
+    return phrase if len(phrase) <= 100 else None
 
 
 def _last_boxed(text: str) -> str | None:
@@ -80,7 +154,9 @@ def _last_boxed(text: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The model's final answer: the content of the last `<answer>...</answer>` pair; else of the last
-    `\\boxed{...}`; else the last number in the text; else None.
+    `\\boxed{...}` (two different boxes joined by "or" give "A or B", a hedge); else what follows the
+    last "answer is" / "answer:" (see `_prose_final`: "The answer is 18 dollars. It took me 2
+    minutes." gives "18"); else the last number in the text; else None.
 
     With nested or repeated tags the innermost, last opened pair wins: `<answer><answer>5</answer>
     </answer>` gives "5"; an unclosed trailing `<answer>` is ignored. An empty pair gives "".
@@ -97,8 +173,11 @@ def extract_answer(text: str) -> str | None:
             return tail[start : tail.find("</answer>", start)].strip()
     boxed = _last_boxed(tail)
     if boxed is not None:
-        return boxed
-    numbers = _NUMBER_IN_TEXT.findall(tail)
+        return _boxed_hedge(tail) or boxed
+    final = _prose_final(tail)
+    if final is not None:
+        return final
+    numbers = _NUMBER_IN_TEXT.findall(_ascii_math(tail))
     return numbers[-1] if numbers else None
 
 
@@ -111,7 +190,7 @@ def parse_number(s) -> Fraction | None:
         return Fraction(s)
     if not isinstance(s, str) or len(s) > 4 * MAX_NUMBER_CHARS:
         return None
-    s = _ascii_digits(s).replace("$", "").strip().rstrip(".").strip()
+    s = _ascii_math(s).replace("$", "").strip().rstrip(".").strip()
     if len(s) > MAX_NUMBER_CHARS:
         return None
     s = re.sub(r"^([+-])\s+", r"\1", s)
@@ -144,6 +223,7 @@ def _delatex(s: str) -> str:
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\cdot", "*"),
                      ("\\times", "*"), ("\\div", "/")):
         s = s.replace(old, new)
+    s = _MIXED.sub(r"(\1+\2/\3)", s)
     for _ in range(10):  # innermost first; ten levels of nesting is plenty for an answer
         t = _SQRT.sub(r"sqrt(\1)", _FRAC.sub(r"(\1)/(\2)", s))
         if t == s:
@@ -156,7 +236,7 @@ def _delatex(s: str) -> str:
 def _clean(s: str) -> str:
     s = s.strip()
     if len(s) <= MAX_LATEX_CHARS:  # longer text can only match by string equality
-        s = _delatex(_ascii_digits(s))
+        s = _delatex(_ascii_math(s))
     return s.replace("$", "").strip().rstrip(".").strip()
 
 
@@ -239,10 +319,33 @@ def _norm_str(s: str) -> str:
     return "".join(s.split()).lower()
 
 
+def _number(s: str) -> Fraction | None:
+    """parse_number, plus scientific notation ("3e5", "1.5E-3") with a 1-3 digit exponent."""
+    value = parse_number(s)
+    if value is None and len(s) <= MAX_NUMBER_CHARS and _SCIENTIFIC.fullmatch(s.strip()):
+        try:
+            value = Fraction(s.strip())
+        except (ValueError, ZeroDivisionError):
+            return None
+    return value
+
+
+def _for_latex(s: str) -> str:
+    """An answer as math-verify should see it: digits normalised, outer `$` and a final `.` gone."""
+    s = _ascii_math(s).strip()
+    if s.startswith("$") and s.endswith("$"):
+        s = s.strip("$").strip()
+    return s.rstrip(".").strip()
+
+
 def answers_match(pred: str | None, ref: str) -> bool:
-    """True when the predicted answer equals the reference: exactly as numbers if both are plain
-    numbers; else symbolically (sympy, whitelisted input only); else as normalised strings.
-    A GSM8K-style reference ("... #### 72") is compared by the part after the last `####`."""
+    """True when the predicted answer equals the reference. In order: a hedge ("6 or 5", unless the
+    reference has an "or" too) is wrong; two plain numbers (scientific notation included) compare
+    exactly; two whitelisted expressions compare symbolically (sympy, exact or at points); equal
+    normalised strings match; anything else is math-verify's verdict (LaTeX, units, sets, intervals,
+    matrices, equations, ...; see `keel.tasks.latex_answers`). A GSM8K-style reference
+    ("... #### 72") is compared by the part after the last `####`; an answer that is itself prose
+    ("The answer is 5") is reduced to its final answer first."""
     try:
         if isinstance(ref, (int, Fraction)) and not isinstance(ref, bool):
             ref = str(ref)
@@ -250,15 +353,23 @@ def answers_match(pred: str | None, ref: str) -> bool:
             return False
         if "####" in ref:
             ref = ref.rsplit("####", 1)[1]
+        if len(pred) <= MAX_LATEX_CHARS and _ANCHOR.search(pred):
+            pred = _prose_final(pred) or pred
+        if len(pred) <= MAX_LATEX_CHARS and _HEDGE.search(pred) and not _HEDGE.search(ref[:MAX_LATEX_CHARS]):
+            return False
         p, r = _clean(pred), _clean(ref)
         if not p or not r:
             return False
-        a, b = parse_number(p), parse_number(r)
+        a, b = _number(p), _number(r)
         if a is not None and b is not None:
             return a == b
         if _symbolic_equal(p, r):
             return True
-        return _norm_str(p) == _norm_str(r)
+        if _norm_str(p) == _norm_str(r):
+            return True
+        if _safe_for_sympy(p) and _safe_for_sympy(r):
+            return False  # keel's exact check decided; math-verify would only add float tolerance
+        return latex_answers.latex_equal(_for_latex(pred), _for_latex(ref)) is True
     except Exception:  # belt and braces: a verifier must never take the trainer down
         return False
 

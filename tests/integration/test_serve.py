@@ -120,7 +120,7 @@ BAD = [  # (name, body bytes or dict, headers override, status, code)
     ("max_tokens beyond context", chat_body(max_tokens=1000), None, 400, "context_length_exceeded"),
     ("prompt beyond context", chat_body(messages=[{"role": "user", "content": "9" * 200}]), None, 400,
      "context_length_exceeded"),
-    ("n > 1", chat_body(n=2), None, 400, "invalid_value"),
+    ("n over the limit", chat_body(n=17), None, 400, "invalid_value"),
     ("unknown model", chat_body(model="gpt-5"), None, 404, "model_not_found"),
     ("body over the limit", chat_body(messages=[{"role": "user", "content": "x" * 5000}]), None, 413,
      "request_too_large"),
@@ -143,7 +143,7 @@ def test_bad_completion_prompts_and_routes(server):
     h = {"Authorization": f"Bearer {KEY}"}
     url = server[0]
     for body in ({"model": "scripted", "prompt": [10**6]}, {"model": "scripted", "prompt": ""},
-                 {"model": "scripted", "prompt": []}, {"model": "scripted", "prompt": "x", "echo": True}):
+                 {"model": "scripted", "prompt": []}, {"model": "scripted", "prompt": "x", "echo": True, "stream": True}):
         r = httpx.post(url + "/v1/completions", json=body, headers=h)
         assert r.status_code == 400 and r.json()["error"]["message"], (body, r.text)
     assert httpx.get(url + "/v1/nothing", headers=h).status_code == 404

@@ -171,3 +171,16 @@ def test_default_init_model_is_unchanged(tmp_path, monkeypatch, capsys):
             config["max_position_embeddings"], config["head_dim"]) == ("qwen3", 128, 4, 103, 512, 32)
     model, tok = init_model("qwen3", 4, 128, 0)
     torch.testing.assert_close(model.model.embed_tokens.weight, load_model(tmp_path / "m")[0].model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("setting, threshold, expected", [
+    (None, "above", False), (None, "at", True), (True, "above", True), (False, "at", False)])
+def test_gradient_checkpointing_default_follows_model_size_and_an_explicit_setting_wins(
+        monkeypatch, setting, threshold, expected):
+    import keel.models as models
+
+    model, _ = init_model("qwen3", layers=2, hidden=64, seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(models, "CHECKPOINTING_PARAMS", params + 1 if threshold == "above" else params)
+    assert models.enable_gradient_checkpointing(model, setting) is expected
+    assert all(layer.gradient_checkpointing is expected for layer in model.model.layers)

@@ -219,6 +219,9 @@ def test_format_reward_huge_input_is_fast():
 
 
 def test_fuzz_random_unicode_never_raises():
+    from keel.tasks import latex_answers
+
+    latex_answers.warm_up()  # its one-off start-up is not what the per-input bound is about
     rng = random.Random(0)
     pieces = ["<answer>", "</answer>", "<think>", "</think>", "\\boxed{", "{", "}", "\\frac", "####",
               "-", "/", ",", ".", "^", "**", "(", ")", "sqrt", "x", " ", "$", "٣", "３", "1", "9"]
@@ -237,3 +240,188 @@ def test_fuzz_random_unicode_never_raises():
         p = parse_number(s)
         assert p is None or isinstance(p, Fraction)
         assert time.perf_counter() - t0 < 1.0, repr(s)
+
+
+# ---- LaTeX answers through math-verify, hedges, prose --------------------------------------------
+
+from keel.tasks import latex_answers  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("So the answer is 18 dollars. That took me 2 minutes.", "18"),  # not the last number
+        ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac{1}{2}"),
+        ("The answer is x = 3.", "x = 3"),
+        ("The answer is 6 or 5.", "6 or 5"),  # kept whole, so answers_match can reject the hedge
+        ("It is $\\boxed{6}$ or $\\boxed{5}$.", "6 or 5"),
+        ("I first thought \\boxed{5} but it is \\boxed{6}, since 5 fails.", "6"),
+        ("x = \u22127", "-7"),  # the last-number fallback reads a Unicode minus
+        ("<answer>(9\u22127)*3</answer>", "(9\u22127)*3"),  # but tag contents keep it (countdown)
+    ],
+)
+def test_extract_answer_final_answer_and_hedges(text, expected):
+    assert timed(extract_answer, text) == expected
+
+
+def test_extract_answer_prose_fallback_is_fast_on_huge_input():
+    assert timed(extract_answer, "the answer is " * 200_000) is None
+    assert timed(extract_answer, ("answer: " + "$" * 1000) * 100) is None
+    assert timed(extract_answer, "answer is 1. " * 100_000) == "1"
+
+
+@pytest.mark.parametrize(
+    "pred, ref",
+    [("6 or 5", "6"), ("6 or 5", "5"), ("either 3 or 4", "3"), ("6 \\text{ or } 5", "6"), ("3 \\lor 4", "3")],
+)
+def test_answers_match_rejects_hedges(pred, ref):
+    assert not timed(answers_match, pred, ref)
+
+
+def test_answers_match_hedge_allowed_when_the_reference_has_one():
+    pytest.importorskip("math_verify")
+    latex_answers.warm_up()
+    assert timed(answers_match, "1 \\text{ or } 2", "1 \\text{ or } 2")
+
+
+def test_answers_match_scientific_and_unicode_minus():
+    assert answers_match("3e5", "300000")
+    assert answers_match("1.5E-3", "0.0015")
+    assert not answers_match("3e4", "300000")
+    assert answers_match("\u22123", "-3")
+    assert not answers_match("\u22123", "3")
+    assert parse_number("\u22123") == -3
+    assert parse_number("1e3") is None  # parse_number itself stays plain
+
+
+def test_mixed_numbers_without_math_verify():
+    assert answers_match("2\\frac{1}{2}", "2.5")  # 2 + 1/2, not 2 * 1/2
+    assert not answers_match("2\\frac{1}{2}", "1")
+
+
+@pytest.fixture
+def worker():
+    pytest.importorskip("math_verify")
+    assert latex_answers.warm_up()
+    return latex_answers
+
+
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("\\frac{1}{2}", "\\frac12"),
+        ("\\frac12", "0.5"),
+        ("\\sqrt{2}", "\\sqrt2"),
+        ("10", "10\\text{ cm}"),
+        ("30", "30^\\circ"),
+        ("50", "50\\%"),
+        ("x=3", "3"),
+        ("\\{2,1\\}", "\\{1,2\\}"),
+        ("[1,2)", "[1,2)"),
+        ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
+        ("\\frac52", "2\\frac{1}{2}"),
+        ("2^{1/3}", "\\sqrt[3]{2}"),
+        ("3", "\\log_2 8"),
+        ("10", "\\binom{5}{2}"),
+        ("3628800", "10!"),
+        ("1267650600228229401496703205376", "2^{100}"),
+    ],
+)
+def test_answers_match_latex_via_math_verify(worker, pred, ref):
+    assert timed(answers_match, pred, ref)
+
+
+@pytest.mark.parametrize(
+    "pred, ref",
+    [("\\frac{1}{3}", "\\frac12"), ("x=4", "3"), ("[1,2]", "[1,2)"), ("(-4,3)", "(3,-4)"),
+     ("11", "10\\text{ cm}")],
+)
+def test_answers_match_latex_negatives(worker, pred, ref):
+    assert not timed(answers_match, pred, ref)
+
+
+@pytest.mark.parametrize(
+    "malicious",
+    [
+        "2^9^9",
+        "9^{9^{9}}",
+        "2^{9}^{9}",
+        "2^{10^{10}}",
+        "x^{x^{x^{x}}}",
+        "((x+1)^{30})^{30}",
+        "(10^{10})!",
+        "100000!",
+        "10^{1000}",
+        "\\binom{100000}{50000}",
+        "\\sqrt{580554684743423186978810824041^{99}}",
+        "\\frac{" * 500 + "1",
+        "\\frac{1}{" * 60 + "2" + "}" * 60,
+        "{" * 10_000,
+        "\\left(" * 100 + "1" + "\\right)" * 100,
+        "\\begin{pmatrix}" + "1&" * 300 + "1\\end{pmatrix}",
+    ],
+)
+def test_pathological_latex_is_refused_before_math_verify(worker, malicious):
+    before = worker.stats()["timeouts"]
+    assert timed(answers_match, malicious, "0") is False
+    assert timed(answers_match, "0", malicious) is False
+    assert worker.stats()["timeouts"] == before  # refused up front: no worker had to be killed
+
+
+def test_worker_deadline_kills_and_replaces(worker):
+    before = worker.stats()
+    t = time.perf_counter()
+    assert worker.latex_equal("\\frac{7}{9}", "\\frac{14}{18}", deadline_s=1e-6) is False
+    assert time.perf_counter() - t < 1.0
+    after = worker.stats()
+    assert after["timeouts"] == before["timeouts"] + 1 and after["restarts"] == before["restarts"] + 1
+    # the replacement answers, and the timed-out verdict stays cached: same input, same result
+    assert worker.latex_equal("\\frac{7}{9}", "\\frac{14}{18}") is False
+    assert timed(worker.latex_equal, "\\frac{5}{9}", "\\frac{10}{18}", limit=5.0) is True
+
+
+def test_worker_is_usable_from_threads_without_signals(worker):
+    import signal
+    import threading
+
+    handler = signal.getsignal(signal.SIGALRM)
+    checks = worker.stats()["checks"]
+    results = []
+
+    def check(i):
+        results.append(answers_match(f"\\frac{{{i}}}2", f"{i / 2}"))  # unbraced: math-verify's
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(1, 9)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert results == [True] * 8
+    assert worker.stats()["checks"] >= checks + 8  # they really went to the worker
+    assert signal.getsignal(signal.SIGALRM) is handler  # math-verify's alarm was never installed
+
+
+def test_worker_in_a_forked_child_is_its_own(worker):
+    import os
+
+    assert answers_match("\\frac{3}{6}", "\\frac12")
+    parent_pid = worker.worker_pid()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child must start its own worker, not write into the parent's pipes
+        try:
+            ok = answers_match("\\frac{4}{8}", "\\frac12") and worker.worker_pid() not in (None, parent_pid)
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(read, 1) == b"1"
+    assert worker.worker_pid() == parent_pid and answers_match("\\frac{5}{10}", "\\frac12")
+
+
+def test_worker_refusals_and_garbage_are_total(worker):
+    assert worker.latex_equal(None, "1") is None
+    assert worker.latex_equal("1", "x" * 10_000) is None
+    assert worker.latex_equal("\x00", "1") is None
+    assert worker.latex_equal("\\frac{", "\\frac{") in (True, False)
+    assert worker.latex_equal("\ud800", "1") in (True, False)  # a lone surrogate survives the pipe
