@@ -12,14 +12,18 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+# pip shows what it downloads and installs (its bars on a terminal); each long step is announced
+# with what it does and about how long it takes.
+PIP=".venv/bin/python -m pip --disable-pip-version-check --progress-bar on"
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  echo "setup: installing PyTorch ($TORCH_SPEC)"
+  echo "setup: [1/2] installing PyTorch ($TORCH_SPEC): about 200 MB for the CPU build, 1-3 minutes"
+  echo "       (a CUDA build is several GB: 5-15 minutes)"
   $PIP install $TORCH_SPEC
 fi
-echo "setup: installing keel and its dependencies"
+echo "setup: [2/2] installing keel and its dependencies (transformers, onnxruntime, ...): 1-2 minutes the first time"
 $PIP install -e ".[test]"
 .venv/bin/python -c "import torch, keel; print(f'setup: keel {keel.__version__}, torch {torch.__version__}')"
+echo "setup: done. Put keel (and torchrun) on your PATH in this shell with: source .venv/bin/activate"
 
 if [ "${1:-}" = "demo" ]; then
   shift

@@ -17,8 +17,11 @@ from keel.errors import KeelError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train reasoning LMs with RL from verifiable rewards; serve them anywhere.")
 
-TASK_HELP = "arithmetic | countdown | a .jsonl/.parquet file with question/answer columns"
+TASK_HELP = ("arithmetic | countdown | math (-o path=DATA) | a .jsonl/.parquet file, a folder of shards or a "
+             "`datasets` save_to_disk folder, with question/answer columns")
 OPTION_HELP = "task option KEY=VALUE, repeatable (e.g. -o digits=4, -o question_key=problem)"
+SET_HELP = ("set any recipe field, KEY=VALUE, repeatable; dotted for sections (e.g. --set lr=1e-4 "
+            "--set resilience.keep=5). Task options are -o")
 
 # The options every training command (sft, rl) takes, declared once; `training_command` adds them.
 TRAIN_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
@@ -29,9 +32,12 @@ TRAIN_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotat
     ("task", Optional[str], typer.Option(None, help=TASK_HELP)),
     ("option", Optional[list[str]], typer.Option(None, "-o", "--option", help=OPTION_HELP)),
     ("steps", Optional[int], typer.Option(None, help="optimizer steps (sft) or rollout batches (rl)")),
+    ("lr", Optional[float], typer.Option(None, help="peak learning rate")),
+    ("settings", Optional[list[str]], typer.Option(None, "--set", help=SET_HELP)),
     ("device", Optional[str], typer.Option(None, help="auto | cpu | cuda | npu | xpu | mps")),
     ("seed", Optional[int], typer.Option(None)),
     ("resume", bool, typer.Option(False, help="continue from the newest good checkpoint in OUT (fresh if none)")),
+    ("fresh", bool, typer.Option(False, help="start over in an OUT that has checkpoints, deleting them")),
     ("checkpoint_every", Optional[int], typer.Option(None, help="steps between checkpoints")),
     ("max_restarts", int, typer.Option(0, help="restart the run in place this many times if it dies")),
     ("inject", Optional[str], typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)")),
@@ -39,6 +45,8 @@ TRAIN_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotat
                                                "diloco (rare pseudo-gradient syncs)")),
     ("simulate_link", Optional[str], typer.Option(None, help="GBPS[,LATENCY_MS]: report how long this run's "
                                                        "communication would take on such a link")),
+    ("report_to", Optional[list[str]], typer.Option(None, help="experiment tracker that gets the metrics too: "
+                                                    "tensorboard | wandb | trackio | mlflow (repeatable)")),
 )]
 
 
@@ -67,29 +75,58 @@ def _options(pairs: list[str] | None) -> dict:
     return options
 
 
-def _stage_config(cls, recipe: Optional[Path], **flags):
-    from keel.config import load_recipe, override
+def _settings(pairs: list[str] | None) -> dict:
+    """--set KEY=VALUE pairs as a nested dict: "resilience.keep=5" -> {"resilience": {"keep": 5}}."""
+    settings: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or "" in key.split("."):
+            raise KeelError(f"--set {pair!r} is not KEY=VALUE: write e.g. --set lr=1e-4 or --set resilience.keep=5")
+        *sections, name = key.split(".")
+        node = settings
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise KeelError(f"--set {pair!r}: {section} is set to a value already")
+        node[name] = yaml.safe_load(value)
+    return settings
+
+
+def _stage_config(cls, recipe: Optional[Path], settings: list[str] | None = None, **flags):
+    """The recipe (or the defaults), then --set's fields, then the dedicated flags."""
+    from keel.config import load_recipe, override, with_settings
 
     cfg = load_recipe(recipe, cls) if recipe else cls()
-    return override(cfg, **flags)
+    return override(with_settings(cfg, _settings(settings)), **flags)
 
 
 def _train(cls, train, run: dict, **stage_flags) -> None:
     """Run a training stage (config class `cls`, function `train`) from the command line; with
     --max-restarts in a child process that is restarted (resuming) when it dies."""
-    from keel.config import with_run_options
-    from keel.train.stage import check_unfinished, train_stage
+    import os
 
-    cfg = _stage_config(cls, run["recipe"], task=run["task"], task_options=_options(run["option"]) or None,
-                        steps=run["steps"], device=run["device"], seed=run["seed"], **stage_flags)
+    from keel.config import with_run_options
+    from keel.train.stage import check_fresh_start, check_unfinished, interrupted, train_stage
+
+    cfg = _stage_config(cls, run["recipe"], run["settings"], task=run["task"],
+                        task_options=_options(run["option"]) or None, steps=run["steps"], lr=run["lr"],
+                        device=run["device"], seed=run["seed"],
+                        report_to=",".join(run["report_to"]) if run["report_to"] else None, **stage_flags)
     cfg = with_run_options(cfg, resume=run["resume"], checkpoint_every=run["checkpoint_every"],
                            inject=run["inject"], sync=run["sync"], link=run["simulate_link"])
-    if run["max_restarts"]:
-        from keel.resilience.supervise import supervise, without_option
+    check_fresh_start(run["out"], run["resume"], run["fresh"])
+    try:
+        if run["max_restarts"]:
+            from keel.resilience.supervise import supervise, without_option
 
-        check_unfinished(run["out"])
-        sys.exit(supervise(without_option(sys.argv[1:], "--max-restarts"), run["max_restarts"], run["out"]))
-    written = train_stage(train, cfg, run["model"], run["out"])
+            check_unfinished(run["out"])
+            os.environ["KEEL_SUPERVISED"] = "1"  # a Ctrl-C is reported once, here, not by the child too
+            sys.exit(supervise(without_option(sys.argv[1:], "--max-restarts"), run["max_restarts"], run["out"]))
+        written = train_stage(train, cfg, run["model"], run["out"])
+    except KeyboardInterrupt:
+        if not os.environ.get("KEEL_SUPERVISED") or run["max_restarts"]:
+            typer.echo(interrupted(run["out"], sys.argv[1:]), err=True)
+        sys.exit(130)
     if written:
         typer.echo(f"wrote {written}")
 
@@ -97,12 +134,15 @@ def _train(cls, train, run: dict, **stage_flags) -> None:
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), help="run folder (overwritten)"),
          recipe: Optional[Path] = typer.Option(None, help="a demo recipe (default: the embedded one, recipes/demo.yaml)"),
-         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | npu | xpu | mps")):
+         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | npu | xpu | mps"),
+         quick: bool = typer.Option(False, help="about half the compute: 200 SFT steps, 50 RL steps, "
+                                    "evaluations on 100 questions; accuracy still rises")):
     """Build a small model, SFT it, RL it, evaluate before and after; write a report to OUT."""
     from keel.config import DemoConfig, load_recipe
-    from keel.demo import run_demo
+    from keel.demo import quick as quick_config, run_demo
 
     cfg = (load_recipe(recipe, DemoConfig) if recipe else DemoConfig()).on_device(device)
+    cfg = quick_config(cfg) if quick else cfg
     report = run_demo(cfg, out)
     typer.echo(json.dumps({"sft": {"pass@1": report["sft"]["pass@1"]}, "rl": {"pass@1": report["rl"]["pass@1"]},
                            "wall_s": round(report["wall_s"], 1), "out": str(out)}))
@@ -118,19 +158,20 @@ def init_model_cmd(out: Path = typer.Option(..., help="directory to write the HF
                                                         "(--arch qwen3: Qwen3-0.6B, with Qwen's vocabulary unless --tokenizer)"),
                    tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer directory to build around (its "
                                                            "vocabulary, eos/pad and chat template), or qwen: Qwen's "
-                                                           "BPE vocabulary from the dashscope package, offline")):
+                                                           "BPE vocabulary from the dashscope package, offline"),
+                   overwrite: bool = typer.Option(False, help="replace OUT even when it is not a model keel wrote")):
     """Make a model from scratch: small with a character-level tokenizer built locally (default),
     around a real tokenizer (--tokenizer), or of a released model's shape (--preset)."""
     from keel.models import init_model, save_model
 
     model, tok = init_model(arch, layers, hidden, seed, preset=preset, tokenizer=tokenizer)
-    save_model(model, tok, out)
+    save_model(model, tok, out, overwrite=overwrite)
     vocabulary = f", a {len(tok)}-token vocabulary" if preset or tokenizer else ""
     typer.echo(f"wrote {out} ({sum(p.numel() for p in model.parameters())} parameters{vocabulary})")
 
 
 @app.command()
-def data(task: str = typer.Option(..., help=TASK_HELP), out: Path = typer.Option(..., help="JSONL file to write"),
+def data(task: str = typer.Option(..., help=TASK_HELP), out: Path = typer.Option(..., help="JSONL file to write (- for stdout)"),
          split: str = typer.Option("train", help="train | test"), n: int = typer.Option(100),
          seed: int = typer.Option(0), option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP)):
     """Write a task's rows (question, answer, trace and task fields) as JSONL."""
@@ -138,30 +179,43 @@ def data(task: str = typer.Option(..., help=TASK_HELP), out: Path = typer.Option
     from keel.tasks.files import write_dataset
 
     examples = get_task(task, **_options(option)).examples(split, n, seed=seed)
+    if str(out) == "-":  # the rows to stdout (for a pipe), the summary to stderr
+        sys.stdout.write("".join(json.dumps(ex.to_row()) + "\n" for ex in examples))
+        typer.echo(f"wrote {len(examples)} {split} rows to stdout", err=True)
+        return
     write_dataset(examples, out)
     typer.echo(f"wrote {len(examples)} {split} rows to {out}")
 
 
 @app.command("sft")
 @training_command
-def sft_cmd(run: Optional[dict] = None):
+def sft_cmd(examples: Optional[int] = typer.Option(None, help="training traces drawn from the task's train split"),
+            batch_tokens: Optional[int] = typer.Option(None, help="tokens per packed batch"),
+            run: Optional[dict] = None):
     """Cold-start supervised training on reasoning traces (loss on completions only)."""
     from keel.config import SFTConfig
     from keel.train.sft import sft
 
-    _train(SFTConfig, sft, run)
+    _train(SFTConfig, sft, run, examples=examples, batch_tokens=batch_tokens)
 
 
 @app.command("rl")
 @training_command
 def rl_cmd(loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo | gspo"),
            group_size: Optional[int] = typer.Option(None, help="samples per prompt"),
+           prompts_per_step: Optional[int] = typer.Option(None, help="prompts per rollout batch"),
+           rollout: Optional[str] = typer.Option(None, help="sample rollouts on another backend, KIND[:DEVICE[:DTYPE]] "
+                                                 "as keel parity takes them (e.g. torch:cpu:bf16, onnxruntime:cpu:fp32)"),
+           correction: Optional[str] = typer.Option(None, help="trainer/sampler mismatch correction: "
+                                                    "auto | tis | icepop | seq_mask | none"),
            run: Optional[dict] = None):
     """RL from verifiable rewards with the GRPO family."""
     from keel.config import RLConfig
+    from keel.engine.backends import rollout_section
     from keel.rl.trainer import rl
 
-    _train(RLConfig, rl, run, loss=loss, group_size=group_size)
+    _train(RLConfig, rl, run, loss=loss, group_size=group_size, prompts_per_step=prompts_per_step,
+           rollout=rollout_section(rollout) if rollout else None, correction=correction)
 
 
 @app.command("report")
@@ -174,7 +228,7 @@ def report_cmd(out: Path = typer.Argument(..., help="a run folder (keel sft/rl/d
 
     g = goodput(out, mtbf_hours)
     for line in format_goodput(g):
-        console.print(line)
+        console.print(line, soft_wrap=True)
     typer.echo(json.dumps(g))
 
 
@@ -183,6 +237,7 @@ def eval_cmd(model: Path = typer.Option(..., help="HF model directory"),
              task: str = typer.Option("arithmetic", help=TASK_HELP),
              option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
              recipe: Optional[Path] = typer.Option(None, help="YAML with eval settings"),
+             settings: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
              n: Optional[int] = None, k: Optional[int] = None, device: Optional[str] = None, seed: Optional[int] = None):
     """Print JSON with pass@1 (greedy) and pass@k (sampled) on the task's test split."""
     from keel.config import EvalConfig
@@ -190,7 +245,7 @@ def eval_cmd(model: Path = typer.Option(..., help="HF model directory"),
     from keel.evaluate import evaluate
     from keel.models import load_model
 
-    cfg = _stage_config(EvalConfig, recipe, task=task, task_options=_options(option) or None,
+    cfg = _stage_config(EvalConfig, recipe, settings, task=task, task_options=_options(option) or None,
                         n=n, k=k, device=device, seed=seed)
     m, tokenizer = load_model(model, pick_device(cfg.device))
     result = evaluate(m, tokenizer, cfg)
@@ -212,6 +267,7 @@ def label_cmd(ctx: typer.Context,
               task: Optional[str] = typer.Option(None, help="verifier: a task whose reward checks traces (default: compare answers)"),
               option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
               recipe: Optional[Path] = typer.Option(None, help="YAML with label settings (LabelConfig)"),
+              settings: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
               all_traces: bool = typer.Option(False, "--all-traces", help="a row per distinct accepted trace"),
               threshold: Optional[float] = typer.Option(None, help="flag majority labels with agreement below this (default 0.5)"),
               fmt: Optional[str] = typer.Option(None, "--format", help="jsonl | parquet (default: by --out's suffix)"),
@@ -227,7 +283,7 @@ def label_cmd(ctx: typer.Context,
     from keel.config import LabelConfig
     from keel.label import label_file
 
-    cfg = _stage_config(LabelConfig, recipe, k=k, task=task, task_options=_options(option) or None,
+    cfg = _stage_config(LabelConfig, recipe, settings, k=k, task=task, task_options=_options(option) or None,
                         all_traces=all_traces or None, threshold=threshold, temperature=temperature,
                         max_new_tokens=max_new_tokens, batch_questions=batch_questions, device=device, seed=seed,
                         question_key=question_key, answer_key=answer_key)
@@ -267,15 +323,18 @@ def expert_iteration_cmd(model: Path = typer.Option(..., help="the (SFT) model t
 
 @app.command("export")
 def export_cmd(model: Path = typer.Option(..., help="HF model directory"),
-               out: Path = typer.Option(..., help="directory to write the export to (replaced)"),
+               out: Path = typer.Option(..., help="directory to write the export to (replaces an earlier export)"),
                format: str = typer.Option("onnx", "--format", help="onnx (the HF directory itself is the safetensors format)"),
-               dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16")):
+               dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16"),
+               overwrite: bool = typer.Option(False, help="replace OUT even when it is not an export keel wrote")):
     """Export a model to ONNX with KV-cache inputs/outputs, for ONNX Runtime on any provider."""
-    from keel.export.onnx import export_onnx
+    from keel.export.onnx import EXPORT_PHASES, export_onnx
+    from keel.runlog import phases
 
     if format != "onnx":
         raise KeelError(f"unknown --format {format!r}: use onnx (the HF directory already is safetensors)")
-    meta = export_onnx(model, out, dtype)
+    with phases("export", len(EXPORT_PHASES)) as begin:
+        meta = export_onnx(model, out, dtype, overwrite=overwrite, on_phase=begin)
     typer.echo(json.dumps({"out": str(out), "dtype": dtype, "opset": meta["opset"],
                            "check_max_abs_logit_diff": meta.get("check_max_abs_logit_diff")}))
 
@@ -311,16 +370,28 @@ def serve_cmd(model: Path = typer.Option(..., help="HF model directory (torch) o
               dtype: Optional[str] = typer.Option(None, help="torch: fp32 | bf16 | fp16"),
               provider: Optional[str] = typer.Option(None, help="onnxruntime: cpu | cuda | cann | openvino | ..."),
               host: Optional[str] = typer.Option(None, help="default 127.0.0.1"), port: Optional[int] = None,
-              api_key: Optional[str] = typer.Option(None, envvar="KEEL_API_KEY", help="require this bearer key"),
+              api_key: Optional[str] = typer.Option(None, help="require this bearer key; prefer setting KEEL_API_KEY "
+                                                   "(a flag is visible to every local user in ps)"),
               model_name: Optional[str] = None, max_batch: Optional[int] = None, max_context: Optional[int] = None,
+              max_waiting: Optional[int] = None, request_timeout_s: Optional[float] = None,
               recipe: Optional[Path] = typer.Option(None, help="YAML with serve settings")):
     """Serve a model through an OpenAI-compatible API (chat, completions, streaming) with continuous batching."""
+    import os
+
     from keel.config import ServeConfig
     from keel.serve.app import serve
 
+    # KEEL_API_KEY wins over --api-key: a command line is readable by every user of the machine
+    # (ps, /proc/PID/cmdline), a process's environment only by its owner.
+    if os.environ.get("KEEL_API_KEY"):
+        if api_key and api_key != os.environ["KEEL_API_KEY"]:
+            typer.echo("warning: both KEEL_API_KEY and --api-key are set; using KEEL_API_KEY", err=True)
+        api_key = os.environ["KEEL_API_KEY"]
+    elif api_key:
+        typer.echo("warning: --api-key shows in ps to every user of this machine; set KEEL_API_KEY instead", err=True)
     cfg = _stage_config(ServeConfig, recipe, backend=backend, device=device, dtype=dtype, provider=provider,
                         host=host, port=port, api_key=api_key, model_name=model_name, max_batch=max_batch,
-                        max_context=max_context)
+                        max_context=max_context, max_waiting=max_waiting, request_timeout_s=request_timeout_s)
     serve(model, cfg)
 
 
@@ -355,10 +426,23 @@ def _flag_hint(field: str | None, argv: list[str]) -> str:
     group, _, key = field.rpartition(".")
     if group == "task_options" and "option" in flags:
         return f" (-o {key}=VALUE)"
-    return f" ({flags[field][0]})" if flags.get(field) else ""
+    if flags.get(field):
+        return f" ({flags[field][0]})"
+    return f" (--set {field}=VALUE)" if "settings" in flags and _recipe_has(command.name, field) else ""
+
+
+def _recipe_has(command: str, field: str) -> bool:
+    """Whether `field` is a field of the config that command `command`'s --set sets."""
+    from keel import config
+
+    cls = {"sft": config.SFTConfig, "rl": config.RLConfig, "eval": config.EvalConfig, "label": config.LabelConfig}
+    return command in cls and config.has_field(cls[command], field)
 
 
 def main() -> None:
+    from keel.device import share_cpus  # first: it sets OpenMP's wait policy before torch loads
+
+    share_cpus()
     try:
         rc = app(standalone_mode=False)  # non-standalone click returns a typer.Exit's code
     except KeelError as e:

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from keel.errors import KeelError
+from keel.trackers import check_report_to
 
 
 
@@ -22,6 +23,7 @@ def _require(ok: bool, msg: str, field: str | None = None) -> None:
 
 RATIO_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("sequence_mean", "token_mean", "budget")
+CORRECTIONS = ("auto", "tis", "icepop", "seq_mask", "none")  # keel/rl/correction.py holds the math
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,7 @@ class LoraSpec:
 @dataclass(frozen=True)
 class SFTConfig:
     """Cold-start supervised training on reasoning traces, loss on the completion only."""
-    task: str = "arithmetic"     # task name or a .jsonl/.parquet file with question/answer/trace
+    task: str = "arithmetic"     # task name (arithmetic | countdown | math) or a dataset file/folder with question/answer/trace
     task_options: dict = field(default_factory=dict)  # e.g. {digits: 3}
     examples: int = 1000         # training traces drawn from the task's train split
     drop_thinking: float = 0.0   # fraction of traces reduced to the bare answer (mixed-quality data)
@@ -169,6 +171,8 @@ class SFTConfig:
     device: str = "auto"         # auto | cpu | cuda | npu | xpu | mps
     dtype: str = "auto"          # auto (bf16 where the device has it, else fp32) | fp32 | bf16 | fp16
     lora: LoraSpec | None = None  # LoRA adapters instead of full fine-tuning (None: every weight trains)
+    report_to: tuple[str, ...] | str = ()  # experiment trackers that get every metrics row and this config:
+    #                                        tensorboard | wandb | trackio | mlflow, any subset (keel/trackers.py)
     resilience: ResilienceConfig = ResilienceConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -178,6 +182,32 @@ class SFTConfig:
         _require(self.micro_batch_tokens >= 16, "sft: micro_batch_tokens must be >= 16", "micro_batch_tokens")
         _require(0 <= self.drop_thinking <= 1, "sft: drop_thinking must be in [0, 1]")
         _require(self.lr > 0 and self.warmup >= 0 and self.grad_clip > 0, "sft: lr and grad_clip must be > 0, warmup >= 0")
+        object.__setattr__(self, "report_to", check_report_to(self.report_to))
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Where RL rollouts are sampled when not on the trainer's own model (`rollout: {backend:
+    onnxruntime}` in a recipe). The sampler is built from the trainer's weights at the start and
+    gets them again before every step's rollouts, without re-exporting a graph; the trainer
+    re-scores the rollouts in PyTorch and corrects for the mismatch (`correction`)."""
+    backend: str = "torch"       # torch (a copy of the model) | onnxruntime (the model exported once,
+    #                              its weights fed as graph inputs)
+    device: str = "auto"         # torch: auto (the trainer's device) | cpu | cuda | npu | xpu | mps
+    dtype: str = "fp32"          # torch: fp32 | bf16 | fp16; onnxruntime: fp32 (fp16 and int8 not yet)
+    provider: str = "cpu"        # onnxruntime: execution provider, cpu | cuda | cann | openvino | ... or a full name
+
+    def __post_init__(self):
+        _require(self.backend in ("torch", "onnxruntime"),
+                 f"rollout: unknown backend {self.backend!r}: use torch or onnxruntime", "rollout.backend")
+        _require(self.dtype in ("fp32", "bf16", "fp16"),
+                 f"rollout: unknown dtype {self.dtype!r}: use fp32, bf16 or fp16", "rollout.dtype")
+        _require(self.backend == "torch" or self.dtype == "fp32",
+                 f"rollout: the onnxruntime sampler runs fp32 graphs for now (got dtype {self.dtype!r})",
+                 "rollout.dtype")
+        _require(self.backend == "torch" or self.device in ("auto", "cpu"),
+                 "rollout: the onnxruntime sampler picks its hardware with provider, not device "
+                 f"(got device {self.device!r})", "rollout.device")
 
 
 @dataclass(frozen=True)
@@ -219,6 +249,15 @@ class RLConfig:
     compile: bool = False        # torch.compile the rollout's decode step: compiles once (tens of seconds), then faster
     lora: LoraSpec | None = None  # LoRA adapters instead of full fine-tuning; with beta > 0 the reference
     #                                is the same model with its adapters off (no second copy)
+    rollout: RolloutConfig | None = None  # sample rollouts on another backend (None: the trainer's own model)
+    report_to: tuple[str, ...] | str = ()  # experiment trackers (as in SFTConfig): tensorboard | wandb | trackio | mlflow
+    correction: str = "auto"     # trainer/sampler mismatch correction: auto (tis unless the sampler computes exactly
+    #                              what the trainer does: rollout None, or torch fp32 on the trainer's fp32 device;
+    #                              then none) | tis | icepop | seq_mask | none (keel/rl/correction.py)
+    correction_cap: float = 2.0  # tis: weight min(pi_old / mu, cap); seq_mask: drop sequences whose
+    #                              geometric-mean ratio exceeds it
+    icepop_low: float = 0.5      # icepop: tokens whose ratio pi_old / mu leaves [icepop_low, icepop_high] drop out
+    icepop_high: float = 5.0
     resilience: ResilienceConfig = ResilienceConfig()
     distributed: DistributedConfig = DistributedConfig()
 
@@ -242,6 +281,16 @@ class RLConfig:
             _require(v is None or 0 <= v < 1, f"rl: {name} must be in [0, 1)")
         _require(self.overlong_cache is None or 0 <= self.overlong_cache < self.max_new_tokens,
                  "rl: overlong_cache must be in [0, max_new_tokens)")
+        _require(self.correction in CORRECTIONS,
+                 f"rl: unknown correction {self.correction!r}: use one of {', '.join(CORRECTIONS)}", "correction")
+        _require(self.correction_cap >= 1, f"rl: correction_cap must be >= 1 (got {self.correction_cap})",
+                 "correction_cap")
+        _require(0 < self.icepop_low <= 1 <= self.icepop_high,
+                 f"rl: icepop bounds must satisfy 0 < icepop_low <= 1 <= icepop_high "
+                 f"(got {self.icepop_low}, {self.icepop_high})", "icepop_low")
+        _require(self.rollout is None or self.lora is None,
+                 "rl: a rollout backend with lora is not supported yet: drop one of them", "rollout")
+        object.__setattr__(self, "report_to", check_report_to(self.report_to))
 
     @property
     def loss_spec(self) -> LossSpec:
@@ -389,6 +438,30 @@ def with_run_options(cfg, *, resume: bool = False, checkpoint_every: int | None 
     return override(cfg, resilience=dataclasses.asdict(res), distributed=dataclasses.asdict(dist))
 
 
+def with_settings(cfg, settings: dict):
+    """`cfg` with `settings` (`--set`: nested dicts for sections, e.g. {"resilience": {"keep": 5}})
+    merged in and re-validated; unknown keys fail as in a recipe."""
+    def merge(base, changes: dict) -> dict:
+        base = dict(base or {})
+        for key, value in changes.items():
+            nested = isinstance(value, dict) and isinstance(base.get(key), (dict, type(None)))
+            base[key] = merge(base.get(key), value) if nested else value
+        return base
+
+    return from_dict(type(cfg), merge(dataclasses.asdict(cfg), settings), where="--set") if settings else cfg
+
+
+def has_field(cls, dotted: str) -> bool:
+    """Whether `dotted` ("lr", "resilience.keep", "lora.r") names a field of dataclass `cls`."""
+    for name in dotted.split("."):
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if name not in fields:
+            return False
+        hint = typing.get_type_hints(cls)[name]
+        cls = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+    return True
+
+
 def override(cfg, **changes):
     """`cfg` with the non-None `changes` applied and re-validated (CLI flags win over recipes)."""
     changes = {k: v for k, v in changes.items() if v is not None}
@@ -451,13 +524,15 @@ class ServeConfig:
     provider: str = "cpu"        # onnxruntime backend: cpu | cuda | cann | openvino | ... or a full provider name
     host: str = "127.0.0.1"      # loopback only unless you mean it; pair another host with an api_key
     port: int = 8000
-    api_key: str = ""            # required as "Authorization: Bearer KEY" when set
+    api_key: str = ""            # required as "Authorization: Bearer KEY" when set (`keel serve`: from KEEL_API_KEY first)
     model_name: str = ""         # the id clients send as "model" ("" = the model directory's name)
     max_batch: int = 16          # rows decoded together; more requests wait their turn
     max_context: int = 0         # prompt + completion tokens (0 = the model's max positions)
     default_max_tokens: int = 256  # completion budget when a request names none (capped by the context)
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
     seed: int = 0                # seeds the per-request generators of requests that bring no seed
+    max_waiting: int = 256       # choices queued behind the running batch; past it a request gets 429 + Retry-After
+    request_timeout_s: float = 600.0  # a request still generating after this long is cancelled: 408 (0 = no limit)
 
     def __post_init__(self):
         _require(self.backend in ("torch", "onnxruntime"), f"serve: unknown backend {self.backend!r}: use torch or onnxruntime")
@@ -465,6 +540,8 @@ class ServeConfig:
         _require(self.max_batch >= 1 and self.default_max_tokens >= 1 and self.max_context >= 0,
                  "serve: max_batch and default_max_tokens must be >= 1, max_context >= 0")
         _require(self.max_body_bytes >= 1024, "serve: max_body_bytes must be >= 1024")
+        _require(self.max_waiting >= 1 and self.request_timeout_s >= 0,
+                 "serve: max_waiting must be >= 1 and request_timeout_s >= 0 (0 = no limit)")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,17 @@ from keel.runlog import RunLog, console, read_jsonl
 from keel.train.sft import sft
 
 
+def quick(cfg: DemoConfig = DemoConfig()) -> DemoConfig:
+    """`keel demo --quick`: the same pipeline in about half the compute: 200 SFT steps instead of
+    300, 50 RL steps instead of 150 at twice the learning rate (1e-4), a held-out check every 10
+    RL steps, and the evaluations on 100 test questions instead of 200. Measured (one run, busy
+    2-core CPU): test pass@1 0.15 after SFT, 0.25 after RL; the accuracy plot climbs."""
+    return dataclasses.replace(
+        cfg, sft=dataclasses.replace(cfg.sft, steps=200),
+        rl=dataclasses.replace(cfg.rl, steps=50, lr=1e-4, eval_every=10, eval_n=100),
+        eval=dataclasses.replace(cfg.eval, n=100))
+
+
 def run_demo(cfg: DemoConfig = DemoConfig(), out: str | Path = "runs/demo") -> dict:
     out = Path(out)
     t0 = time.time()

@@ -3,16 +3,53 @@
 `torch.accelerator` (torch >= 2.6) names whatever accelerator this torch build drives: cuda, npu
 (Ascend, via torch_npu), xpu, mps. Everything else in keel asks this module instead of calling
 `torch.cuda.*`, so the same code runs on any of them and on a plain CPU.
+
+It also decides how keel shares a CPU with other work (`share_cpus`): OpenMP threads that wait
+for work sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE), and the thread count is the CPUs
+this process may actually use (its affinity mask and cgroup quota), not the host's core count.
+Either is left alone where the user set it (OMP_WAIT_POLICY, OMP_NUM_THREADS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from pathlib import Path
 
-import torch
+# OpenMP reads its wait policy once, when torch loads it: this has to run before `import torch`
+# (keel.cli imports this module first). Spinning waiters (OpenMP's default for a while after each
+# parallel region) burn the cycles a busy machine's other processes need, and a thread that lost
+# its core holds up every parallel region of its team; sleeping waiters cost a wake-up of
+# microseconds per region instead. On a 2-core machine shared with other work, two DAPO steps took
+# 255 s with the defaults against 34 s with one thread (issue 18).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from keel.errors import KeelError
+import torch  # noqa: E402
+
+from keel.errors import KeelError  # noqa: E402
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, a container's cpuset), capped by
+    a cgroup v2 CPU quota (docker --cpus) where one is set."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def share_cpus() -> int:
+    """Use `usable_cpus()` threads for CPU work unless OMP_NUM_THREADS says otherwise (torch reads
+    that itself); returns the thread count. The count does not follow the machine's load: a run's
+    numbers would then depend on what else was running."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(usable_cpus())
+    return torch.get_num_threads()
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -25,12 +62,13 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise KeelError(f"unknown device {name!r}: use auto, cpu, cuda, npu, xpu or mps") from e
+        raise KeelError(f"unknown device {name!r}: use auto, cpu, cuda, npu, xpu or mps", field="device") from e
     if device.type != "cpu":
         acc = torch.accelerator.current_accelerator(check_available=True)
         if acc is None or acc.type != device.type:
             have = acc.type if acc is not None else "none"
-            raise KeelError(f"device {name!r} is not available here (accelerator: {have}); use --device auto")
+            raise KeelError(f"device {name!r} is not available here (accelerator: {have}); use auto or cpu",
+                            field="device")
     return _local(device)
 
 

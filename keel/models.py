@@ -9,6 +9,7 @@ tokenizer) that transformers loads without keel.
 
 from __future__ import annotations
 
+import json
 import shutil
 import string
 import warnings
@@ -38,6 +39,7 @@ CHAT_TEMPLATE = (
 hf_logging.disable_progress_bar()
 
 ARCHS = {"qwen3": "Qwen3Config", "llama": "LlamaConfig"}
+MODEL_KIND = "model"  # the marker keel.io puts in the HF directories keel writes
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -192,29 +194,58 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def _reason(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", dtype=torch.float32):
-    """Load an HF causal LM directory (safetensors only) and its tokenizer."""
+    """Load an HF causal LM directory (safetensors only) and its tokenizer. A folder that is
+    broken anywhere (config.json not a config, a field of the wrong type, a truncated weights file,
+    an unreadable tokenizer) gives a KeelError naming the file: the folder is input, so whatever a
+    library raises on it is the folder's fault, not keel's."""
+    from safetensors import safe_open
+
     path = check_model_dir(path)
+    config_file = path / "config.json"
     try:
-        AutoConfig.from_pretrained(path)
+        if not isinstance(json.loads(config_file.read_text(encoding="utf-8")), dict):
+            raise ValueError("it is not a JSON object")
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise KeelError(f"{config_file} is not a valid model config ({_reason(e)}): fix or replace it") from e
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise KeelError(f"{weights} is not a readable safetensors file ({_reason(e)}): it may be truncated; "
+                            "copy or save it again") from e
+    try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise KeelError(f"could not load the model in {path}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        raise KeelError(f"could not load the tokenizer in {path} ({_reason(e)}): fix or replace its tokenizer "
+                        "files", field="tokenizer") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+    except Exception as e:
+        raise KeelError(f"could not build the model in {path} from its config.json and weights ({_reason(e)})") from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
+def save_model(model, tokenizer, out: str | Path, overwrite: bool = False, inputs=()) -> Path:
     """Write `out` as an HF directory, atomically: a reader sees the old directory or the new
-    one, never half of one."""
+    one, never half of one. An existing `out` is replaced only when it is a model keel wrote, or
+    with `overwrite`; never when it is (or holds) one of `inputs` (keel.io.check_out_folder)."""
     out = Path(out)
-    tmp = temp_folder(out)
+    tmp = temp_folder(out, MODEL_KIND, overwrite, inputs)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        publish_folder(tmp, out)
+        publish_folder(tmp, out, MODEL_KIND, overwrite, inputs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -238,6 +269,56 @@ def render_prompt(tokenizer, question: str) -> list[int]:
     else:
         text = question + "\n"
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _sliding_window(config) -> int | None:
+    """The attention window of a model with sliding-window layers, else None (configs with
+    `layer_types` say per layer whether it is used)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window if isinstance(window, int) and window > 0 else None
+
+
+# Whether packing is exact, per model_type, as tests/unit/test_sft.py measures it with
+# `packing_probe` on every family listed here: transformers turns restarting positions into a
+# block-diagonal mask for models built on its masking utilities (RoPE, GPT-2's learned positions,
+# Mistral's sliding window), but OPT derives its learned positions from the attention mask.
+PACKS_EXACTLY = {"qwen3": True, "qwen2": True, "llama": True, "mistral": True, "gpt2": True, "opt": False}
+
+
+def packs_exactly(model, longest: int = 64) -> bool:
+    """Whether `model` computes on a packed row (sequences end to end, position ids restarting at
+    each, no attention mask) exactly what it computes on each sequence alone: the one place keel
+    decides which models pack. Known families come from PACKS_EXACTLY; any other architecture is
+    measured on the model itself (`packing_probe`)."""
+    known = PACKS_EXACTLY.get(getattr(model.config, "model_type", None))
+    return known if known is not None else packing_probe(model, longest)
+
+
+@torch.no_grad()
+def packing_probe(model, longest: int = 64, seed: int = 0) -> bool:
+    """Two random sequences (the second past the sliding window, when the model has one shorter
+    than `longest`) go through `model` packed and alone, in eval mode: True when their logits
+    agree to float rounding."""
+    config = model.config
+    window = _sliding_window(config)
+    second = 11 if window is None or window + 2 > longest - 5 else window + 2
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    seqs = [torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, second)]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = [model(input_ids=s, use_cache=False).logits.float() for s in seqs]
+        positions = torch.cat([torch.arange(s.shape[1], device=device) for s in seqs])[None]
+        packed = model(input_ids=torch.cat(seqs, dim=1), position_ids=positions, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    reference = torch.cat(alone, dim=1)
+    return bool((packed - reference).abs().max() <= 1e-3 * (1 + reference.abs().max()))
 
 
 CHECKPOINTING_PARAMS = 100_000_000  # `gradient_checkpointing: null` turns it on from this model size
@@ -325,10 +406,10 @@ def save_adapter(model, out: str | Path) -> Path:
     """Write the LoRA adapters of peft `model` to `out` in peft's format (adapter_config.json,
     adapter_model.safetensors), atomically; `PeftModel.from_pretrained(base, out)` loads them."""
     out = Path(out)
-    tmp = temp_folder(out)
+    tmp = temp_folder(out, "adapter")
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        publish_folder(tmp, out)
+        publish_folder(tmp, out, "adapter")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -26,12 +26,24 @@ from keel.errors import KeelError
 from keel.io import atomic_path, atomic_write  # noqa: E402
 from keel.runlog import read_jsonl  # noqa: E402
 
-# (file name, title, metric keys to draw on the same axes)
+# What each metric is called on a plot.
+SERIES = {
+    "reward": "total reward", "reward_correct": "correct-answer reward", "reward_format": "format reward",
+    "accuracy": "accuracy of the step's samples", "test_pass@1": "test pass@1 (greedy)",
+    "response_length": "response length", "kl": "KL to the reference (k3)", "loss": "loss",
+}
+# The y-axis of a plot of one metric, where the caller names none.
+YLABELS = {"loss": "loss (nats per token)", "kl": "KL (nats per token)", "response_length": "tokens"}
+
+# (file name, title, panels); a panel is (metric keys drawn on one y-axis, that axis's label). The
+# correct-answer reward has a panel of its own: beside the format reward (near 1 from the start)
+# its climb from near 0 was squeezed flat.
 RL_PLOTS = [
-    ("reward.png", "reward per step", ["reward", "reward_correct", "reward_format"]),
-    ("accuracy.png", "accuracy per step", ["accuracy", "test_pass@1"]),
-    ("length.png", "response length (tokens)", ["response_length"]),
-    ("kl.png", "KL to the reference (k3)", ["kl"]),
+    ("reward.png", "reward per step (total = correct + format_weight x format)",
+     [(["reward_correct"], "correct-answer reward"), (["reward_format"], "format reward"), (["reward"], "total reward")]),
+    ("accuracy.png", "accuracy per step", [(["accuracy", "test_pass@1"], "share correct")]),
+    ("length.png", "response length per step", [(["response_length"], "tokens")]),
+    ("kl.png", "KL to the reference (k3) per step", [(["kl"], "KL (nats per token)")]),
 ]
 
 
@@ -44,24 +56,39 @@ def _smooth(values, window: int):
     return out
 
 
-def plot(rows: list[dict], keys: list[str], title: str, path: Path, smooth: int = 1) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if not pts:
-            continue
-        steps, values = zip(*pts)
-        if smooth > 1 and len(values) > 3 * smooth:  # sparse series (periodic evals) stay raw
-            ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps, _smooth(values, smooth), label=key, color=ax.lines[-1].get_color())
-        else:
-            ax.plot(steps, values, label=key, marker="o" if len(values) < 30 else None)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+def figure(rows: list[dict], panels: list[tuple[list[str], str]], title: str, smooth: int = 1):
+    """A figure of metrics per step, one panel per (keys, y-axis label), stacked over a shared step
+    axis, each series in its own colour. With `smooth` > 1 a long series is drawn faint as measured
+    and solid as its moving mean, and the legend says which is which."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 1.4 + 2.1 * len(panels)), dpi=110, sharex=True,
+                             squeeze=False)
+    colours = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+    for ax, (keys, ylabel) in zip(axes[:, 0], panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if not pts:
+                continue
+            steps, values = zip(*pts)
+            name, colour = SERIES.get(key, key), next(colours)
+            if smooth > 1 and len(values) > 3 * smooth:  # sparse series (periodic evals) stay raw
+                ax.plot(steps, values, alpha=0.25, color=colour, label=f"{name}, each step")
+                ax.plot(steps, _smooth(values, smooth), color=colour, label=f"{name}, mean of the last {smooth} steps")
+            else:
+                ax.plot(steps, values, color=colour, label=name, marker="o" if len(values) < 30 else None)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel("step")
+    return fig
+
+
+def plot(rows: list[dict], keys: list[str], title: str, path: Path, smooth: int = 1, ylabel: str | None = None) -> Path:
+    """One panel of `keys` per step, written to `path`; the y-axis is `ylabel` (default: YLABELS or
+    the metric's name)."""
+    ylabel = ylabel or YLABELS.get(keys[0], SERIES.get(keys[0], keys[0]))
+    return save_figure(figure(rows, [(keys, ylabel)], title, smooth), path)
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -79,9 +106,9 @@ def plot_run(rl_rows: list[dict], sft_rows: list[dict], out: Path) -> list[Path]
     paths = []
     if sft_rows:
         paths.append(plot(sft_rows, ["loss"], "SFT loss (completion tokens)", out / "sft_loss.png", smooth=5))
-    for name, title, keys in RL_PLOTS:
+    for name, title, panels in RL_PLOTS:
         if rl_rows:
-            paths.append(plot(rl_rows, keys, title, out / name, smooth=5))
+            paths.append(save_figure(figure(rl_rows, panels, title, smooth=5), out / name))
     return paths
 
 
@@ -129,6 +156,11 @@ def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
     checkpointing = sum(blocking)
     faults = {kind: sum(e["event"] == kind for e in events) for kind in FAULTS}
     n_faults = faults["restart"] + faults["rollback"]
+    # Skips are counted from events.jsonl: a skipped step's row is gone from metrics.jsonl once a
+    # rollback or a restart from an earlier checkpoint truncated it.
+    skipped = {(e.get("stage"), e.get("step")) for e in events if e["event"] == "skip"}
+    faulted = any(faults.values()) or any(e["event"] in ("fault_injected", "skip") for e in events)
+    overhead = max(0.0, wall - useful - checkpointing)
     observed_mtbf = wall / n_faults if n_faults else None
     mtbf_s = mtbf_hours * 3600 if mtbf_hours else observed_mtbf
     cost = sum(blocking) / len(blocking) if blocking else None
@@ -140,10 +172,12 @@ def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
         "comm_bytes": sum(r.get("comm_bytes") or 0 for r in rows), "comm_s": comm_s,
         "simulated_wall_s": None if link_s is None else wall - comm_s + link_s,
         "wall_s": wall, "useful_s": useful, "checkpoint_s": checkpointing,
-        "lost_s": max(0.0, wall - useful - checkpointing),
+        # What is neither a useful step nor checkpointing: start-up, evaluations, and with faults the
+        # recomputed steps and restarts. Only a run that had faults lost time to them.
+        "lost_s": overhead if faulted else 0.0, "other_s": 0.0 if faulted else overhead,
         "goodput": useful / wall if wall else None,
         "useful_steps": sum(1 for r in rows if not r.get("skipped")),
-        "skipped_steps": sum(1 for r in rows if r.get("skipped")),
+        "skipped_steps": len(skipped),
         "faults": faults, "mtbf_s": mtbf_s, "mtbf_observed": mtbf_hours is None and observed_mtbf is not None,
         "checkpoint_cost_s": cost, "mean_step_s": step_s,
         "recommended_interval_s": interval_s,
@@ -154,8 +188,10 @@ def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
 def format_goodput(g: dict) -> list[str]:
     """The lines `keel report` prints for a `goodput` result, for people."""
     fmt = lambda v, unit="s": "n/a" if v is None else f"{v:.1f}{unit}"  # noqa: E731
+    rest = (f"lost to faults, start-up and evaluation {fmt(g['lost_s'])}" if g["lost_s"]
+            else f"start-up and evaluation {fmt(g['other_s'])}")
     lines = [f"wall {fmt(g['wall_s'])}  useful {fmt(g['useful_s'])}  checkpointing {fmt(g['checkpoint_s'])}  "
-             f"lost to faults {fmt(g['lost_s'])}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}",
+             f"{rest}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}",
              f"steps: {g['useful_steps']} useful, {g['skipped_steps']} skipped; faults: {g['faults']}"]
     if g["comm_bytes"]:
         lines.append(f"communication: {g['comm_bytes'] / 1e6:.1f} MB sent by rank 0, {fmt(g['comm_s'])} in collectives"

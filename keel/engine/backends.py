@@ -15,11 +15,20 @@ batch and dim 2 is time, so rows can be joined, padded on the left with zeros an
 Two backends: `TorchBackend` (any HF causal LM on any torch device, npu included, in fp32, bf16 or
 fp16) and `OrtBackend` (an exported ONNX graph on any ONNX Runtime execution provider). The sampler
 and the stop rules are not here: they are the rollout engine's, applied by `keel.engine.batching`.
+
+Both can follow a model that is training (RL rollouts on another backend): `TorchBackend` holds its
+own copy, and `OrtBackend.from_model` exports the model once with its parameters as graph inputs;
+`load_weights(model)` then copies the model's current weights in, without re-exporting anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -86,7 +95,8 @@ class KVModel(torch.nn.Module):
 
 
 class TorchBackend:
-    """Any HF causal LM on any torch device (cpu, cuda, npu, xpu, mps) in fp32, bf16 or fp16."""
+    """Any HF causal LM on any torch device (cpu, cuda, npu, xpu, mps) in fp32, bf16 or fp16.
+    It moves and casts `model` in place: pass a copy to keep the original."""
 
     def __init__(self, model, device: torch.device, dtype: str = "fp32"):
         self.dtype = check_dtype(dtype)
@@ -107,43 +117,75 @@ class TorchBackend:
         logits_BSV, present = self.kv(ids_BS.to(self.device), mask_BT.to(self.device), pos_BS.to(self.device), past)
         return logits_BSV.float(), present
 
+    @torch.no_grad()
+    def load_weights(self, model) -> None:
+        """Copy `model`'s current weights (same architecture, any device and dtype) into this
+        backend's own, cast to its dtype; with equal devices and dtypes, bit for bit."""
+        source = model.state_dict()
+        for name, tensor in self.model.state_dict().items():
+            tensor.copy_(source[name])
+
 
 class OrtBackend:
     """An ONNX graph written by `keel export` on any ONNX Runtime execution provider.
 
     Tensors cross into ONNX Runtime as numpy arrays on the host: simple and right everywhere; on
-    an accelerator provider, I/O binding would keep the cache on the device (not done yet)."""
+    an accelerator provider, I/O binding would keep the cache (and `from_model`'s weight inputs)
+    on the device (not done yet)."""
 
     def __init__(self, onnx_dir: str | Path, provider: str = "cpu", threads: int = 0):
-        import onnxruntime as ort
-
         onnx_dir = Path(onnx_dir)
         meta_path = onnx_dir / ONNX_META
         if not meta_path.is_file() or not (onnx_dir / ONNX_FILE).is_file():
             raise KeelError(f"{onnx_dir} has no {ONNX_FILE} with {ONNX_META}: "
                             f"make one with `keel export --model MODEL --out {onnx_dir}`")
         self.meta = json.loads(meta_path.read_text())
-        full = PROVIDERS.get(provider.lower(), provider)
-        available = ort.get_available_providers()
-        if full not in available:
-            raise KeelError(f"ONNX Runtime provider {provider!r} is not available here (have: {', '.join(available)}); "
-                            "install the onnxruntime build for your accelerator or set provider to cpu", field="provider")
+        full = check_provider(provider)
         if self.meta["dtype"] == "bf16":
             raise KeelError("the onnxruntime backend feeds numpy arrays, which have no bf16: export with dtype fp16 or fp32",
                             field="dtype")
+        self.weight_names: dict[str, str] = {}  # a graph with its weights inside: nothing to load
+        self._open(str(onnx_dir / ONNX_FILE), full, threads)
+
+    def _open(self, graph, provider: str, threads: int) -> None:
+        """Start the session over `graph` (a path or serialized bytes) described by `self.meta`."""
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        providers = [full] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
-        self.session = ort.InferenceSession(str(onnx_dir / ONNX_FILE), sess_options=opts, providers=providers)
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        self.session = ort.InferenceSession(graph, sess_options=opts, providers=providers)
+        self.weights: dict[str, object] = {}  # weight inputs (from_model): name -> numpy array fed every run
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past.")]
         self.layers, self.kv_heads, self.head_dim = self.meta["layers"], self.meta["kv_heads"], self.meta["head_dim"]
         self.vocab_size, self.max_context = self.meta["vocab_size"], self.meta["max_context"]
         self.np_dtype = {"fp32": "float32", "fp16": "float16"}[self.meta["dtype"]]
         self.device = torch.device("cpu")
-        short = next((k for k, v in PROVIDERS.items() if v == full), full)
+        short = next((k for k, v in PROVIDERS.items() if v == provider), provider)
         self.name = f"onnxruntime:{short}:{self.meta['dtype']}"
+
+    @classmethod
+    def from_model(cls, model, provider: str = "cpu", threads: int = 0) -> "OrtBackend":
+        """An fp32 graph of `model` (exported once, in memory) whose parameters are graph inputs, so
+        that `load_weights` can follow a model that trains. The graph is left unoptimised by the
+        exporter (ONNX Runtime still optimises it at load): the exporter's optimiser folds and
+        merges weights (a transposed copy, one tensor for equal norms), which would cut the link
+        between a graph weight and a parameter. Graphs over 2 GB do not fit in memory this way."""
+        backend = cls.__new__(cls)
+        backend.meta, proto, backend.weight_names = export_with_weight_inputs(model)
+        backend._open(proto.SerializeToString(), check_provider(provider), threads)
+        backend.load_weights(model)
+        return backend
+
+    def load_weights(self, model) -> None:
+        """Copy `model`'s current weights into the graph's weight inputs (a backend from `from_model`)."""
+        assert self.weight_names, "load_weights needs an OrtBackend made by OrtBackend.from_model"
+        source = model.state_dict()
+        self.weights = {name: source[key].detach().to("cpu", torch.float32, copy=True).numpy()
+                        for name, key in self.weight_names.items()}
 
     def empty_past(self, batch: int) -> list[Tensor]:
         dtype = DTYPES[self.meta["dtype"]]
@@ -152,9 +194,78 @@ class OrtBackend:
     def forward(self, ids_BS, mask_BT, pos_BS, past):
         feeds = {"input_ids": ids_BS.cpu().numpy(), "attention_mask": mask_BT.cpu().numpy(),
                  "position_ids": pos_BS.cpu().numpy()}
-        feeds.update({name: t.cpu().numpy() for name, t in zip(self.inputs[3:], past)})
+        feeds.update({name: t.cpu().numpy() for name, t in zip(self.past_names, past)})
+        feeds.update(self.weights)
         logits, *present = self.session.run(self.outputs, feeds)
         return torch.from_numpy(logits).float(), [torch.from_numpy(p) for p in present]
+
+
+def check_provider(provider: str) -> str:
+    """The full name of ONNX Runtime execution provider `provider` ("cpu", or a full name), if this
+    onnxruntime build has it; a KeelError naming the ones it has otherwise."""
+    import onnxruntime as ort
+
+    full = PROVIDERS.get(provider.lower(), provider)
+    available = ort.get_available_providers()
+    if full not in available:
+        raise KeelError(f"ONNX Runtime provider {provider!r} is not available here (have: {', '.join(available)}); "
+                        "install the onnxruntime build for your accelerator or set provider to cpu", field="provider")
+    return full
+
+
+def export_with_weight_inputs(model) -> tuple[dict, object, dict[str, str]]:
+    """(keel_onnx.json-style meta, onnx ModelProto, graph input name -> `model.state_dict()` key):
+    `model` traced through `KVModel` in fp32 on the CPU (a copy; `model` is not touched), with
+    every parameter moved from the graph's initializers to its inputs. Buffers (e.g. RoPE
+    frequencies) stay constants."""
+    import onnx
+
+    traced = copy.deepcopy(model).to("cpu", torch.float32).eval()
+    layers, kv_heads, head_dim = kv_shape(traced.config)
+    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    names_in = ["input_ids", "attention_mask", "position_ids"] + [f"past.{n}" for n in kv]
+    names_out = ["logits"] + [f"present.{n}" for n in kv]
+    batch, seq, total, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "total", "past"))
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+               [{0: batch, 2: past_len} for _ in range(2 * layers)])
+    # Sizes above 1 everywhere: torch.export specialises dims of size 0 and 1.
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, 8, (2, 3), generator=g), torch.ones(2, 7, dtype=torch.long),
+               torch.arange(4, 7).repeat(2, 1), [torch.randn(2, kv_heads, 4, head_dim, generator=g)
+                                                 for _ in range(2 * layers)])
+    log, onnx_logger = io.StringIO(), logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(KVModel(traced), example, input_names=names_in, output_names=names_out,
+                                        dynamic_shapes=dynamic, dynamo=True, opset_version=18, verbose=False,
+                                        optimize=False)
+    except Exception as e:
+        raise KeelError(f"ONNX export for the rollout sampler failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        f"exporter log tail: {log.getvalue()[-300:]!r}", field="rollout.backend") from e
+    finally:
+        onnx_logger.setLevel(level)
+    proto = program.model_proto
+    names_of = {}  # one entry per parameter tensor: all its names (tied embeddings have two)
+    for name, p in traced.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(f"model.{name}")  # KVModel holds the HF model as `model`
+    params = {name for names in names_of.values() for name in names}
+    weight_names = {}
+    for init in list(proto.graph.initializer):
+        if init.name in params:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+            proto.graph.initializer.remove(init)
+            weight_names[init.name] = init.name.removeprefix("model.")
+    missing = [names[0] for names in names_of.values() if not any(n in weight_names for n in names)]
+    if missing:
+        raise KeelError(f"the exported graph has no input for parameters {missing[:3]}: this architecture's "
+                        "weights cannot follow training yet", field="rollout.backend")
+    meta = {"format": "onnx", "dtype": "fp32", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+            "vocab_size": traced.get_input_embeddings().num_embeddings,
+            "max_context": getattr(traced.config, "max_position_embeddings", None) or 2048}
+    return meta, proto, weight_names
 
 
 def parse_spec(spec: str) -> tuple[str, str, str]:
@@ -166,6 +277,14 @@ def parse_spec(spec: str) -> tuple[str, str, str]:
     kind, device, dtype = (parts + ["cpu", "fp32"][len(parts) - 1:])[:3]
     check_dtype(dtype)
     return kind, device, dtype
+
+
+def rollout_section(spec: str) -> dict:
+    """A backend spec as RLConfig's `rollout` section: "onnxruntime:cpu:fp32" -> {"backend":
+    "onnxruntime", "provider": "cpu", "dtype": "fp32"}; "torch:cuda:bf16" -> {"backend": "torch",
+    "device": "cuda", "dtype": "bf16"}."""
+    kind, where, dtype = parse_spec(spec)
+    return {"backend": kind, "provider" if kind == "onnxruntime" else "device": where, "dtype": dtype}
 
 
 def load_torch_backend(model_dir: str | Path, device: str = "auto", dtype: str = "fp32"):

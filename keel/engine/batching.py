@@ -19,10 +19,18 @@ tokens) or after `max_new_tokens`. `generate()` runs the same engine offline for
 The engine is driven either synchronously (`run_until_idle`) or by a background thread
 (`start`/`stop`) while other threads `submit` requests; per-token callbacks run on the engine's
 thread.
+
+Failures stay with the request that caused them: a request whose prefill or sampling raises (NaN
+logits, a backend that rejects its prompt) finishes alone with finish_reason "error", logged,
+while the rest of the batch goes on. Only a failed decode step of the whole batch fails every
+running and waiting request. Either way every submitted request ends, with `on_done` called
+once. The waiting queue may be bounded (`max_waiting`): `submit` then refuses with `QueueFull`
+rather than queue without limit, and cancelled waiting requests give up their places at once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -34,6 +42,12 @@ from torch import Tensor
 
 from keel.errors import KeelError
 from keel.engine.sampler import SamplingParams, sample_next
+
+log = logging.getLogger("keel.engine")
+
+
+class QueueFull(KeelError):
+    """The waiting queue is at `max_waiting`: retry later."""
 
 
 @dataclass(eq=False)
@@ -85,15 +99,17 @@ class EngineStats:
     decode_steps: int = 0
     decode_rows: int = 0      # sum of batch sizes over decode steps (decode_rows / decode_steps = mean batch)
     max_batch_seen: int = 0
+    failed: int = 0           # requests finished with finish_reason "error"
+    refused: int = 0          # requests refused because the waiting queue was full
 
 
 class Engine:
     """Continuous batching over a `keel.engine.backends.Backend`."""
 
-    def __init__(self, backend, *, eos_id: int, max_batch: int = 16):
-        if max_batch < 1:
-            raise KeelError(f"max_batch must be >= 1, got {max_batch}")
-        self.backend, self.eos_id, self.max_batch = backend, eos_id, max_batch
+    def __init__(self, backend, *, eos_id: int, max_batch: int = 16, max_waiting: int = 0):
+        if max_batch < 1 or max_waiting < 0:
+            raise KeelError(f"max_batch must be >= 1 and max_waiting >= 0 (0: unbounded), got {max_batch}, {max_waiting}")
+        self.backend, self.eos_id, self.max_batch, self.max_waiting = backend, eos_id, max_batch, max_waiting
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
         self._cv = threading.Condition()
@@ -110,17 +126,27 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         """Queue a request (thread-safe). Its prompt must be non-empty and in the vocabulary."""
-        if not req.prompt:
-            raise KeelError("the prompt is empty; send at least one token")
-        if min(req.prompt) < 0 or max(req.prompt) >= self.backend.vocab_size:
-            raise KeelError(f"the prompt has a token id outside [0, {self.backend.vocab_size})")
-        if len(req.prompt) + req.params.max_new_tokens > self.backend.max_context:
-            raise KeelError(f"prompt ({len(req.prompt)} tokens) + max new tokens ({req.params.max_new_tokens}) "
-                            f"exceeds the context of {self.backend.max_context} tokens")
-        with self._cv:
-            self._waiting.append(req)
-            self._cv.notify()
+        self.submit_all([req])
         return req
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queue requests together (thread-safe): all of them, or none (KeelError; QueueFull when
+        they would take the waiting queue past `max_waiting`)."""
+        for req in reqs:
+            if not req.prompt:
+                raise KeelError("the prompt is empty; send at least one token")
+            if min(req.prompt) < 0 or max(req.prompt) >= self.backend.vocab_size:
+                raise KeelError(f"the prompt has a token id outside [0, {self.backend.vocab_size})")
+            if len(req.prompt) + req.params.max_new_tokens > self.backend.max_context:
+                raise KeelError(f"prompt ({len(req.prompt)} tokens) + max new tokens ({req.params.max_new_tokens}) "
+                                f"exceeds the context of {self.backend.max_context} tokens")
+        with self._cv:
+            if self.max_waiting and len(self._waiting) + len(reqs) > self.max_waiting:
+                self.stats.refused += len(reqs)
+                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_waiting} "
+                                "(max_waiting); retry later", field="max_waiting")
+            self._waiting.extend(reqs)
+            self._cv.notify()
 
     @property
     def running(self) -> int:
@@ -135,6 +161,12 @@ class Engine:
     def step(self) -> bool:
         """Admit, decode once, retire. Returns True while requests are running or waiting."""
         self._retire([i for i, r in enumerate(self._rows) if r.cancelled])
+        with self._cv:  # cancelled waiting requests leave at once: they must not hold queue places
+            gone = [r for r in self._waiting if r.cancelled]
+            if gone:
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+        for req in gone:
+            self._finish(req, "cancelled")
         while len(self._rows) < self.max_batch:
             with self._cv:
                 req = self._waiting.popleft() if self._waiting else None
@@ -142,11 +174,25 @@ class Engine:
                 break
             if req.cancelled:
                 self._finish(req, "cancelled")
-                continue
-            self._admit(req)
+            else:
+                self._admit_alone(req)
         if self._rows:
             self._decode()
         return bool(self._rows or self._waiting)
+
+    def _admit_alone(self, req: Request) -> None:
+        """Admit `req`; if its prefill or first sample fails, it fails alone (the batch is only
+        changed once everything about the newcomer has been computed). Out of the queue and not
+        yet a row, it would otherwise be in no list the failure path finishes."""
+        try:
+            self._admit(req)
+        except Exception as e:
+            self._fail(req, e)
+
+    def _fail(self, req: Request, e: Exception) -> None:
+        log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
+        if not req.done:
+            self._finish(req, "error", f"{type(e).__name__}: {e}")
 
     def _admit(self, req: Request) -> None:
         P = len(req.prompt)
@@ -167,8 +213,8 @@ class Engine:
         row_mask = torch.cat([torch.zeros(1, width - P, dtype=torch.long), torch.ones(1, P, dtype=torch.long)], 1)
         present = [_pad_left(t, width - P) for t in present]
         if self._rows:
-            self._cache = [torch.cat([_pad_left(c, width - T), p], 0) for c, p in zip(self._cache, present)]
-            self._mask_BT = torch.cat([_pad_left_2d(self._mask_BT, width - T), row_mask], 0)
+            cache = [torch.cat([_pad_left(c, width - T), p], 0) for c, p in zip(self._cache, present)]
+            self._cache, self._mask_BT = cache, torch.cat([_pad_left_2d(self._mask_BT, width - T), row_mask], 0)
         else:
             self._cache, self._mask_BT = present, row_mask
         self._rows.append(req)
@@ -187,7 +233,12 @@ class Engine:
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, B)
         finished = []
         for i, req in enumerate(self._rows):
-            if self._emit(req, logits_B1V[i:i + 1, -1, :]):
+            try:
+                done = self._emit(req, logits_B1V[i:i + 1, -1, :])
+            except Exception as e:  # this row's sampling failed: it ends, the others go on
+                self._fail(req, e)
+                done = True
+            if done:
                 finished.append(i)
             else:
                 self._next_B[i] = req.tokens[-1]
@@ -229,6 +280,7 @@ class Engine:
         req.finish_reason, req.error = reason, error
         self.stats.finished += 1
         self.stats.cancelled += reason == "cancelled"
+        self.stats.failed += reason == "error"
         if req.on_done is not None:
             req.on_done(req)
 
@@ -293,6 +345,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a broken backend must not hang every client forever
+                log.error("engine step failed; failing every request: %s: %s", type(e).__name__, e, exc_info=e)
                 self.fail_all(f"{type(e).__name__}: {e}")
         self.fail_all("the server is shutting down")
 

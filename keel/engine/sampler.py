@@ -93,20 +93,38 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
     return ids_BP.to(device), mask_BP.to(device), pos_BP.to(device)
 
 
+# Temperatures below this sample as greedy (vLLM's _SAMPLING_EPS): logits / 1e-39 overflow fp32 to
+# inf and the softmax to NaN, and a distribution that sharp is the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(logits_BV: Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Pick the next token per row. Returns (tokens_B, logp_B), logp under the untruncated policy."""
+    """Pick the next token per row. Returns (tokens_B, logp_B), logp under the untruncated policy.
+
+    Safe for every temperature in [0, inf) and top_p in (0, 1]: a temperature under GREEDY_BELOW
+    samples greedily (its logp is taken in log space, the logits shifted to a max of 0 before the
+    division, so nothing overflows; temperature 0 reports logp at temperature 1, as always), and
+    top_p always keeps the top token, even one so small it rounds to 0 in fp32."""
     logits_BV = logits_BV.float()
-    temperature = params.temperature if params.temperature > 0 else 1.0
-    logp_BV = torch.log_softmax(logits_BV / temperature, dim=-1)
+    greedy = params.temperature < GREEDY_BELOW
     if params.temperature == 0:
+        logp_BV = torch.log_softmax(logits_BV, dim=-1)
+    elif greedy:
+        shifted_BV = logits_BV - logits_BV.max(-1, keepdim=True).values  # <= 0: / tiny gives -inf, never NaN
+        # (a temperature under fp32's smallest normal would round to 0 in the division: 0 / 0)
+        logp_BV = torch.log_softmax(shifted_BV / max(params.temperature, torch.finfo(torch.float32).tiny), dim=-1)
+    else:
+        logp_BV = torch.log_softmax(logits_BV / params.temperature, dim=-1)
+    if greedy:
         tok_B = logits_BV.argmax(-1)
     else:
         probs_BV = logp_BV.exp()
         if params.top_p < 1.0:
             sorted_BV, idx_BV = probs_BV.sort(dim=-1, descending=True)
-            # Drop a token when the mass strictly before it already reaches top_p; the top token
-            # has zero mass before it, so it is always kept.
+            # Drop a token when the mass strictly before it already reaches top_p. The top token
+            # has zero mass before it, but a top_p that is 0 in fp32 would still drop it: keep it.
             drop_BV = (sorted_BV.cumsum(-1) - sorted_BV) >= params.top_p
+            drop_BV[..., 0] = False
             sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
             probs_BV = torch.zeros_like(probs_BV).scatter(-1, idx_BV, sorted_BV)
         tok_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)

@@ -24,10 +24,58 @@ from pathlib import Path
 import torch
 
 from keel.errors import KeelError
-from keel.io import publish_folder, temp_folder
+from keel.io import check_out_folder, publish_folder, temp_folder
 from keel.engine.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
 
 OPSET = 18
+ONNX_KIND = "onnx"  # the marker keel.io puts in export folders
+CHECK_TOKENS = 7  # prompt length of the export check (more for a sliding-window model: past its window)
+# config fields that give a model routed experts (Qwen3-MoE, OLMoE: num_experts; Mixtral, GPT-OSS:
+# num_local_experts; DeepSeek: n_routed_experts)
+_EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model with sliding-window layers, else None. Configs with
+    `layer_types` say per layer (Qwen2 sets sliding_window but uses it only on layers marked so)."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window or None
+
+
+def export_refusal(config) -> str | None:
+    """Why keel cannot export this architecture (one line), or None. Checked before exporting:
+    these fail deep inside the exporter, or worse, give a graph that is wrong past some length."""
+    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+    experts = next((f"{f}={getattr(config, f)}" for f in _EXPERT_FIELDS if (getattr(config, f, None) or 0) > 0), None)
+    if experts:
+        return (f"keel export cannot export mixture-of-experts models ({arch}, {experts}): the exporter has no ONNX "
+                "function for transformers' grouped expert matmul; serve it with --backend torch")
+    window = sliding_window(config)
+    if window:
+        return (f"keel export cannot export sliding-window attention ({arch}, sliding_window={window}): the traced "
+                "graph is wrong or crashes once a sequence passes the window; serve it with --backend torch")
+    return None
+
+
+def check_length(config) -> int:
+    """Prompt tokens for the export check: past the sliding window (by 2), where a graph traced
+    inside it would first go wrong."""
+    window = sliding_window(config) if config is not None else None
+    return max(CHECK_TOKENS, window + 2) if window else CHECK_TOKENS
+
+
+def root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception `e` was raised from: exporters wrap the real
+    cause (e.g. an op with no ONNX function) in errors that only say which step failed."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def _io_names(layers: int) -> tuple[list[str], list[str]]:
@@ -46,12 +94,25 @@ def _example(layers, kv_heads, head_dim, dtype, B=2, S=3, P=4):
     return ids, mask, pos, past
 
 
-def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", check: bool = True) -> dict:
-    """Write `out` as an ONNX export directory (atomically); returns its keel_onnx.json contents."""
+# What `export_onnx` tells its `on_phase` as it goes (keel.runlog.phases shows them).
+EXPORT_PHASES = ["loading the model", "tracing it and converting to ONNX (most of the time)",
+                 "checking the graph against torch"]
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", check: bool = True,
+                overwrite: bool = False, on_phase=lambda name: None) -> dict:
+    """Write `out` as an ONNX export directory (atomically); returns its keel_onnx.json contents.
+    An existing `out` is replaced only when it is an export keel wrote, or with `overwrite`; never
+    when it is (or holds) `model_dir`. `on_phase(name)` is called as each of EXPORT_PHASES starts."""
     from keel.models import load_model
 
     torch_dtype = check_dtype(dtype)
+    check_out_folder(out, ONNX_KIND, overwrite, inputs=(model_dir,))  # before minutes of exporting
+    on_phase(EXPORT_PHASES[0])
     model, tokenizer = load_model(model_dir)
+    refusal = export_refusal(model.config)
+    if refusal:
+        raise KeelError(refusal, field="model")
     model = model.to(torch_dtype).eval()
     layers, kv_heads, head_dim = kv_shape(model.config)
     names_in, names_out = _io_names(layers)
@@ -61,7 +122,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
     example = _example(layers, kv_heads, head_dim, torch_dtype)
 
     out = Path(out)
-    tmp = temp_folder(out)
+    tmp = temp_folder(out, ONNX_KIND, overwrite, inputs=(model_dir,))
     try:
         # The exporter prints progress and warnings meant for its own developers; keep them off
         # the user's terminal unless the export fails.
@@ -69,6 +130,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
         onnx_logger = logging.getLogger("torch.onnx")
         level = onnx_logger.level
         onnx_logger.setLevel(logging.ERROR)
+        on_phase(EXPORT_PHASES[1])
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
                 warnings.simplefilter("ignore")
@@ -77,8 +139,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
                 big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
                 program.save(str(tmp / ONNX_FILE), external_data=big)
         except Exception as e:
-            raise KeelError(f"ONNX export of {model_dir} failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                            f"exporter log tail: {log.getvalue()[-300:]!r}") from e
+            raise KeelError(f"ONNX export of {model_dir} failed: {root_cause(e)}", field="model") from e
         finally:
             onnx_logger.setLevel(level)
         tokenizer.save_pretrained(tmp)
@@ -89,18 +150,22 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
                 "inputs": names_in, "outputs": names_out, "source": str(Path(model_dir).resolve())}
         (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
         if check and dtype != "bf16":
+            on_phase(EXPORT_PHASES[2])
             meta["check_max_abs_logit_diff"] = check_export(TorchBackend(model, "cpu", dtype), OrtBackend(tmp))
             (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
-        publish_folder(tmp, out)
+        publish_folder(tmp, out, ONNX_KIND, overwrite, inputs=(model_dir,))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
 @torch.no_grad()
-def check_export(reference, candidate, prompt_len: int = 7, seed: int = 0) -> float:
-    """Max |logit difference| between two backends over a prefill of `prompt_len` tokens and one
-    decode step on its cache (each backend feeds its own cache)."""
+def check_export(reference, candidate, prompt_len: int | None = None, seed: int = 0) -> float:
+    """Max |logit difference| between two backends over a prefill of `prompt_len` tokens (default:
+    `check_length` of the reference's model, past any sliding window) and one decode step on its
+    cache (each backend feeds its own cache)."""
+    if prompt_len is None:
+        prompt_len = check_length(getattr(getattr(reference, "model", None), "config", None))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, reference.vocab_size, (1, prompt_len), generator=g)
     mask, pos = torch.ones(1, prompt_len, dtype=torch.long), torch.arange(prompt_len)[None]

@@ -95,9 +95,11 @@ def check(result: dict, reference: str, cfg: ParityConfig) -> list[str]:
     return fails
 
 
-def parity(reference, candidates: list, tokenizer, cfg: ParityConfig = ParityConfig()) -> dict:
+def parity(reference, candidates: list, tokenizer, cfg: ParityConfig = ParityConfig(),
+           on_phase=lambda name: None) -> dict:
     """Compare each candidate backend with the reference on `cfg.n` test prompts of `cfg.task`.
-    Returns the parity.json contents (thresholds not applied: see `check`)."""
+    Returns the parity.json contents (thresholds not applied: see `check`). `on_phase(name)` is
+    called as each of its 1 + 2 x candidates phases starts (keel.runlog.phases shows them)."""
     from keel.models import render_prompt, special_ids
     from keel.tasks import get_task
 
@@ -105,13 +107,16 @@ def parity(reference, candidates: list, tokenizer, cfg: ParityConfig = ParityCon
     examples = task.examples("test", cfg.n, seed=cfg.seed)
     prompts = [render_prompt(tokenizer, ex.question) for ex in examples]
     eos, _ = special_ids(tokenizer)
+    on_phase(f"{reference.name}: greedy completions of {cfg.n} prompts")
     ref = run_backend(reference, prompts, examples, task, tokenizer, eos, cfg)
     result = {"reference": {"backend": reference.name, "accuracy": ref["accuracy"],
                             "tokens_per_s": ref["tokens_per_s"]},
               "task": cfg.task, "task_options": cfg.task_options, "n": cfg.n,
               "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k, "candidates": {}}
     for cand in candidates:
+        on_phase(f"{cand.name}: greedy completions of {cfg.n} prompts")
         run = run_backend(cand, prompts, examples, task, tokenizer, eos, cfg)
+        on_phase(f"{cand.name}: logits beside the reference's, {cfg.n} prompts")
         row = {"max_abs_logit_delta": prompt_logit_delta(reference, cand, prompts),
                **compare_greedy(ref["tokens"], ref["topk"], run["tokens"], run["topk"]),
                "accuracy": run["accuracy"], "accuracy_drop": ref["accuracy"] - run["accuracy"],
@@ -178,6 +183,7 @@ def run_parity(model_dir: str | Path, reference: str, candidates: list[str], out
     from transformers import AutoTokenizer
 
     from keel.models import check_model_dir
+    from keel.runlog import phases
 
     if not candidates:
         raise KeelError("no candidate backend given: name at least one, e.g. onnxruntime:cpu:fp32",
@@ -186,8 +192,15 @@ def run_parity(model_dir: str | Path, reference: str, candidates: list[str], out
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ref = build_backend(reference, model_dir, out)
-    result = parity(ref, [build_backend(c, model_dir, out) for c in candidates], tokenizer, cfg)
+    specs = [reference, *candidates]
+    with phases("parity", len(specs) + 1 + 2 * len(candidates)) as begin:
+        backends = []
+        for spec in specs:
+            begin(f"loading {spec}" + (" (exported to ONNX first, unless done already)"
+                                       if spec.startswith("onnxruntime") else ""))
+            backends.append(build_backend(spec, model_dir, out))
+        result = parity(backends[0], backends[1:], tokenizer, cfg, on_phase=begin)
+    ref = backends[0]
     fails = check(result, ref.name, cfg)
     result["failed"] = fails
     atomic_write(out / "parity.json", json.dumps(result, indent=1))

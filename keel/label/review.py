@@ -4,6 +4,7 @@ a CSV, a person fills in `human_answer`, and the answers come back as `human` ro
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 from keel.errors import KeelError
@@ -14,6 +15,18 @@ from keel.label.run import per_question, summarize
 from keel.label.votes import vote_key
 
 REVIEW_COLUMNS = ["input_sha256", "question", "model_answer", "confidence", "flag_reason", "trace", "human_answer"]
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
+
+
+def spreadsheet_safe(value):
+    """`value` as a CSV cell no spreadsheet evaluates: text starting like a formula gets a leading
+    single quote (OWASP's advice), so model output such as `=HYPERLINK(...)` or `-2+3` stays text.
+    Plain numbers ("-3") and non-text values are left as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
 
 
 def _review_files(labels: str | Path) -> LabelFiles:
@@ -28,7 +41,8 @@ def _review_files(labels: str | Path) -> LabelFiles:
 
 def export_review(labels: str | Path, csv_path: str | Path) -> int:
     """Write the flagged questions of a label file, and its unlabelled ones, to a CSV for people:
-    fill in `human_answer`, leave it blank to skip. Returns how many questions were written."""
+    fill in `human_answer`, leave it blank to skip. Cells are made safe for spreadsheets
+    (`spreadsheet_safe`). Returns how many questions were written."""
     files = _review_files(labels)
     items = [r for r in per_question(read_rows(files.out)) if r.get("flagged") and r.get("method") != "human"]
     items += per_question(read_rows(files.unlabelled))
@@ -36,9 +50,10 @@ def export_review(labels: str | Path, csv_path: str | Path) -> int:
         w = csv.DictWriter(f, REVIEW_COLUMNS)
         w.writeheader()
         for r in items:
-            w.writerow({"input_sha256": r["input_sha256"], "question": r["question"], "model_answer": r.get("answer"),
-                        "confidence": r.get("confidence"), "flag_reason": r.get("flag_reason"),
-                        "trace": r.get("trace"), "human_answer": ""})
+            row = {"input_sha256": r["input_sha256"], "question": r["question"], "model_answer": r.get("answer"),
+                   "confidence": r.get("confidence"), "flag_reason": r.get("flag_reason"),
+                   "trace": r.get("trace"), "human_answer": ""}
+            w.writerow({k: spreadsheet_safe(v) for k, v in row.items()})
     return len(items)
 
 

@@ -116,20 +116,41 @@ def summarize(rows: list[dict], unlabelled: list[dict] = ()) -> dict:
 
 
 def plot_agreement(rows: list[dict], k: int, path: Path) -> Path:
-    """Histogram of `confidence` per method: agreement of majority labels, pass rate of verified ones."""
-    from keel.report import plt, save_figure  # Agg backend, set there
+    """Write `agreement_figure` to `path`."""
+    from keel.report import save_figure
+
+    return save_figure(agreement_figure(rows, k), path)
+
+
+def agreement_figure(rows: list[dict], k: int):
+    """Questions by how many of their k samples were accepted: agreeing with the majority label, or
+    correct where a reference answer was given (verified and unverified rows)."""
+    from matplotlib.ticker import MaxNLocator
+
+    from keel.report import plt  # Agg backend, set there
 
     qs = per_question(rows)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
-    bins = [(i - 0.5) / k for i in range(k + 2)]
-    for method, label in (("majority", "majority: agreement"), ("verified", "verified: share correct")):
-        values = [r["confidence"] for r in qs if r.get("method") == method]
-        if values:
-            ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
-    ax.set_xlabel("confidence (accepted samples / k)")
+    # One bar per method at each count of accepted samples 0..k, side by side in distinct colours
+    # (overlapping translucent histograms hid each other); counts are whole questions.
+    groups = [("majority: samples agreeing", ("majority",), "tab:blue"),
+              ("with a reference: samples correct", ("verified", "unverified"), "tab:orange")]
+    width, tallest = 0.8 / len(groups), 1
+    for g, (label, methods, colour) in enumerate(groups):
+        accepted = [round(r["confidence"] * k) for r in qs if r.get("method") in methods]
+        if accepted:
+            counts = [accepted.count(j) for j in range(k + 1)]
+            xs = [j + (g - (len(groups) - 1) / 2) * width for j in range(k + 1)]
+            ax.bar(xs, counts, width=width, color=colour, label=f"{label} ({len(accepted)} questions)")
+            tallest = max(tallest, *counts)
+    ax.set_ylim(0, tallest * 1.5 + 0.5)  # room for the legend above the bars
+    ax.set_xticks(range(k + 1))
+    ax.set_xlim(-0.5, k + 0.5)
+    ax.set_xlabel(f"accepted samples of k={k}")
     ax.set_ylabel("questions")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("label agreement")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, axis="y")
     if ax.patches:
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
+        ax.legend(fontsize=8, loc="upper center")
+    return fig

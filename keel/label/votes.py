@@ -19,7 +19,10 @@ from keel.label.questions import Question
 from keel.tasks import Example, get_task
 from keel.tasks.verify import answers_match, extract_answer, format_reward, parse_number
 
-METHODS = ("verified", "majority", "human")
+# verified: a sample the verifier accepted; unverified: a reference answer no sample reached (flagged,
+# no trace); majority: the vote of the samples; human: set in review.
+METHODS = ("verified", "unverified", "majority", "human")
+NOT_VERIFIED = "no sample verified"  # flag_reason of an unverified row
 
 
 def vote_key(answer: str | None) -> str | None:
@@ -81,7 +84,7 @@ def rank_traces(indices, texts: list[str], mean_logps: list[float]) -> list[int]
 
 @dataclass(frozen=True)
 class Label:
-    method: str                # verified | majority
+    method: str                # verified | unverified | majority
     answer: str | None         # the label; None when nothing was answered
     traces: list[str]          # distinct accepted traces, best first
     confidence: float          # share of the k samples accepted
@@ -110,11 +113,15 @@ def make_verifier(task: str | None = None, options: dict | None = None) -> Verif
 
 def decide(q: Question, texts: list[str], mean_logps: list[float], verify: Verifier, threshold: float) -> Label:
     """Label one question from its k sampled `texts` (and their mean token log-probs): with a
-    reference, the traces `verify` accepts; without one, the majority vote of their answers."""
+    reference, the traces `verify` accepts ("unverified" and flagged when it accepts none); without
+    one, the majority vote of their answers."""
     k = len(texts)
     if q.reference is not None:
         accepted = [i for i, t in enumerate(texts) if verify(t, q)]
-        method, answer, flag = "verified", q.reference, None
+        # A reference with no accepted sample is not "verified": the row keeps the answer (RL can use
+        # it) but has no trace, and goes to review.
+        method, answer = ("verified" if accepted else "unverified"), q.reference
+        flag = None if accepted else NOT_VERIFIED
     else:
         vote = majority_vote([extract_answer(t) for t in texts])
         accepted, method, flag = list(vote.members), "majority", flag_reason(vote, threshold)

@@ -9,6 +9,7 @@ every rank unless it names one: `kill@step=7@rank=1` kills rank 1 only.
   spike@step=N     scale the loss (and so the gradients) of step N by 1e4
   hang@step=N      block step N forever (the hang watchdog must catch it)
   corrupt@latest   flip bytes in the next checkpoint written
+  corrupt@step=N   flip bytes in the checkpoint of step N when it is written
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from keel.errors import KeelError
+from keel.resilience.checkpoint import step_of
 
 KINDS = ("kill", "nan_grad", "spike", "hang", "corrupt")
 
@@ -88,7 +90,7 @@ class Injector:
         return 1e4 if self._take("spike", step) else 1.0
 
     def after_checkpoint(self, path) -> None:
-        if self._take("corrupt", None):
+        if self._take("corrupt", None) or self._take("corrupt", step_of(path)):
             target = path / "tensors.safetensors"
             with open(target, "r+b") as f:
                 f.seek(max(0, target.stat().st_size // 2))

@@ -50,7 +50,9 @@ class SpikeDetector:
                 continue
             mean = sum(past) / len(past)
             std = math.sqrt(sum((v - mean) ** 2 for v in past) / len(past))
-            if abs(value - mean) > self.zscore * max(std, 1e-8 + 1e-3 * abs(mean)):
+            # Above only: a loss falling faster than its window (early SFT does) is progress, and
+            # rolling it back would replay the same fall, and roll back again, without end.
+            if value - mean > self.zscore * max(std, 1e-8 + 1e-3 * abs(mean)):
                 return f"{key} {value:.4g} vs mean {mean:.4g} ± {std:.3g}"
         return None
 

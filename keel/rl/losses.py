@@ -78,6 +78,7 @@ def policy_loss(
     norm_len: int | None = None,
     ref_logp_BT: torch.Tensor | None = None,
     beta: float = 0.0,
+    is_weight_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss (to minimise) and detached stats.
 
@@ -88,6 +89,11 @@ def policy_loss(
     per token before aggregation. Sequences without real tokens contribute zero, never NaN.
 
     norm_len is the generation budget (max new tokens), which the "budget" aggregation divides by.
+
+    is_weight_BT: each token's off-policy correction weight (keel/rl/correction.py: the sampler was
+    not the trainer), a constant multiplying its policy-gradient term (not the KL term). A dropped
+    token (weight 0) still counts in the normaliser. None: no weighting, and exactly 1 gives the
+    unweighted numbers bit for bit (x * 1.0 == x).
 
     stats: clip_frac (share of tokens, or of sequences for a sequence-level ratio, where the clipped term is the one
     the min picks: ratio above 1+eps_high with A > 0 or below 1-eps_low with A < 0), kl (mean k3
@@ -109,6 +115,8 @@ def policy_loss(
     adv = adv_B.detach().float().unsqueeze(1)  # (B, 1), broadcasts over tokens
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
     pg = -torch.min(ratio * adv, clipped_ratio * adv)
+    if is_weight_BT is not None:
+        pg = pg * is_weight_BT.detach()
     loss_BT = pg.expand_as(logp_BT)
 
     kl_BT = None

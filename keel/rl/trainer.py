@@ -6,10 +6,17 @@ score them with the task's verifier, turn rewards into group-relative advantages
 (GRPO, Dr. GRPO, DAPO, GSPO) are each one `LossSpec` (keel/config.py): advantage scaling, clip
 range, ratio level, aggregation and which sampling rules are on. This loop reads the spec and
 never asks which loss it runs.
+
+Rollouts are sampled by the trainer's own model, or with `cfg.rollout` by another backend (a torch
+copy in another dtype or on another device, or ONNX Runtime), which gets the trainer's weights
+before every step's rollouts. Then the trainer re-scores the rollouts in PyTorch (pi_old) and
+weights each token's loss by the off-policy correction of pi_old against the sampler's own
+log-probs (mu): keel/rl/correction.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -19,7 +26,7 @@ import torch
 
 from keel.completions import complete
 from keel.config import EvalConfig, RLConfig
-from keel.device import autocast, make_generator, pick_device
+from keel.device import autocast, make_generator, pick_device, supports_bf16, synchronize
 from keel.distributed import make_sync
 from keel.epochs import Epochs
 from keel.errors import KeelError
@@ -31,7 +38,9 @@ from keel.resilience.guard import guarded_update
 from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
                                    optimizer_state, rng_state, set_rng_state)
 from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
+from keel.rl.correction import correction_weights, mismatch_stats, resolve_correction
 from keel.rl.losses import batch_units, policy_loss
+from keel.engine.backends import OrtBackend, TorchBackend
 from keel.engine.sampler import SamplingParams, completion_logprobs, packed_completion_logprobs
 from keel.tasks import get_task
 from keel.train.loop import train_loop
@@ -130,7 +139,10 @@ class RLTrainer:
         self.task = get_task(cfg.task, **cfg.task_options)
         self.eos_id, self.pad_id = special_ids(tokenizer)
         self.prompts = Epochs(train_prompts(self.task, cfg.seed)[rank::ranks], cfg.seed)
-        self.generator = make_generator(self.device, cfg.seed + RANK_SEED_STRIDE * rank)
+        self.sampler, self.sampler_is_trainer = self._make_sampler()
+        self.correction = resolve_correction(cfg.correction, self.sampler_is_trainer)
+        sampler_device = self.device if self.sampler is None else self.sampler.device
+        self.generator = make_generator(sampler_device, cfg.seed + RANK_SEED_STRIDE * rank)
         self.optimizer = make_optimizer(self.model, cfg.lr)
         self.ref = None
         if cfg.beta > 0 and self.peft is None:  # the frozen initial policy for the KL term
@@ -142,9 +154,36 @@ class RLTrainer:
         self.step_idx = 0
 
     # -- rollouts ----------------------------------------------------------------------------
+    def _make_sampler(self):
+        """(the rollout backend or None, whether it computes exactly what the trainer computes).
+        None is the trainer's own model. A torch copy in fp32 on the trainer's device, while the
+        trainer runs in fp32, runs today's sampling code on the same weights: it IS the trainer
+        (its log-probs match the trainer's to the rounding the trainer's own sampler has)."""
+        r = self.cfg.rollout
+        if r is None:
+            return None, True
+        if r.backend == "onnxruntime":
+            return OrtBackend.from_model(self.model, r.provider), False
+        device = self.device if r.device == "auto" else pick_device(r.device)
+        trainer_fp32 = self.cfg.dtype == "fp32" or (self.cfg.dtype == "auto" and not supports_bf16(self.device))
+        same = device == self.device and r.dtype == "fp32" and trainer_fp32
+        return TorchBackend(copy.deepcopy(self.model), device, r.dtype), same
+
+    def sync_sampler(self) -> float:
+        """Copy the trainer's weights into the rollout backend; the seconds it took."""
+        t0 = time.perf_counter()
+        self.sampler.load_weights(self.model)
+        synchronize(self.sampler.device)
+        return time.perf_counter() - t0
+
     def _rollout(self, examples) -> Batch:
-        with autocast(self.device, self.cfg.dtype):
-            out = complete(self.model, self.tokenizer, [ex.question for ex in examples], self.sampling,
+        if self.sampler is None:
+            sampler, precision = self.model, autocast(self.device, self.cfg.dtype)
+        else:  # the backend holds its weights in its own dtype
+            sampler = self.sampler.model if isinstance(self.sampler, TorchBackend) else self.sampler
+            precision = contextlib.nullcontext()
+        with precision:
+            out = complete(sampler, self.tokenizer, [ex.question for ex in examples], self.sampling,
                            k=self.cfg.group_size, generator=self.generator,
                            reward=lambda text, i: self.task.reward(text, examples[i]),
                            batch_size=self.cfg.rollout_batch_size or None, compile=self.cfg.compile,
@@ -209,9 +248,14 @@ class RLTrainer:
         t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, cfg.lr_schedule)
         set_lr(self.optimizer, lr)
+        # The weights reach the sampler before every step's rollouts: after the previous step's
+        # update, and after a resume.
+        sync_s = self.sync_sampler() if self.sampler is not None else 0.0
         batch = self.collect()
         row = {"stage": "rl", "step": self.step_idx + 1, "lr": lr, "sampled": batch.sampled,
-               "groups": len(batch.completions) // cfg.group_size, "rollout_s": time.perf_counter() - t0}
+               "groups": len(batch.completions) // cfg.group_size, "rollout_s": time.perf_counter() - t0 - sync_s}
+        if self.sampler is not None:
+            row["weight_sync_s"] = sync_s
         # A batch without a group with signal (dynamic sampling) is skipped when every rank's is.
         if not apply or not self.sync.any(bool(batch.completions)):
             self.step_idx += 1
@@ -242,11 +286,18 @@ class RLTrainer:
         units = batch_units(spec, lengths)
         self.model.train()
         old_logp = ref_logp = [None] * len(micro)
+        # Another sampler's log-probs (mu) differ from the trainer's (pi_old): each token's loss is
+        # weighted by the correction of pi_old / mu, computed once per micro-batch.
+        mu_logp = [None] * len(micro)
+        if self.sampler is not None and batch.logprobs is not None:
+            mu_logp = [part.sampling_logprobs(self.device) for _, part in micro]
+        corrections = {}  # micro-batch -> (weight_BT or None, its real tokens' log-ratios, weights, corrected)
         if cfg.updates_per_batch > 1:
             # The policy moves between updates, so the ratios need the sampling policy's log-probs:
-            # the sampler recorded them (equal to a re-scoring forward to float rounding in fp32),
-            # which spares that forward. Batches built by hand may come without them.
-            if batch.logprobs is not None:
+            # when the sampler is the trainer it recorded them (equal to a re-scoring forward to float
+            # rounding in fp32), which spares that forward. Another sampler's are not pi_old's, and
+            # batches built by hand may come without them: re-score.
+            if batch.logprobs is not None and self.sampler_is_trainer:
                 old_logp = [part.sampling_logprobs(self.device) for _, part in micro]
             else:
                 with torch.no_grad():
@@ -264,8 +315,11 @@ class RLTrainer:
                 for k, (rows, part) in enumerate(micro):
                     logp, mask, entropy = self._logprobs(self.model, part, with_entropy=True)
                     old = logp.detach() if old_logp[k] is None else old_logp[k]
+                    if mu_logp[k] is not None and k not in corrections:
+                        corrections[k] = self._correction(old, mu_logp[k], mask)
                     micro_loss, stats = policy_loss(logp, old, adv_B[rows], mask, spec=spec, norm_len=cfg.max_new_tokens,
-                                                    ref_logp_BT=ref_logp[k], beta=cfg.beta)
+                                                    ref_logp_BT=ref_logp[k], beta=cfg.beta,
+                                                    is_weight_BT=corrections[k][0] if k in corrections else None)
                     weighted = micro_loss * (batch_units(spec, [lengths[i] for i in rows]) / units)
                     (weighted * share * loss_scale).backward()
                     loss += weighted.item()
@@ -285,9 +339,22 @@ class RLTrainer:
             "truncated": 1 - batch.finished_B.float().mean().item(), **merge_stats(parts),
             "entropy": sum(p[3] for p in parts) / max(1, n_tokens), "grad_norm": grad_norm, "tokens": n_tokens,
         }
+        if corrections:
+            row.update(mismatch_stats(*(torch.cat([c[i] for c in corrections.values()]) for i in (1, 2, 3))))
         if skipped:  # counted per update; the row says the step lost at least one
             row["skipped"] = "nonfinite"
         return row
+
+    def _correction(self, old_logp_BT, mu_logp_BT, mask_BT):
+        """(the loss weights, None for `none`; and the real tokens' log-ratios, weights and
+        corrected flags for the logged stats)."""
+        cfg = self.cfg
+        log_ratio_BT = old_logp_BT.detach() - mu_logp_BT
+        weight_BT, corrected_BT = correction_weights(log_ratio_BT, mask_BT, self.correction, cap=cfg.correction_cap,
+                                                     low=cfg.icepop_low, high=cfg.icepop_high)
+        real = mask_BT.bool()
+        return (None if self.correction == "none" else weight_BT, log_ratio_BT[real], weight_BT[real],
+                corrected_BT[real])
 
     def evaluate_every(self, row: dict, eval_cfg: EvalConfig | None) -> None:
         """Held-out greedy pass@1 every `eval_every` steps, added to the step's row."""

@@ -15,19 +15,28 @@ own tokens) are the model's raw log-softmax, before temperature and penalties.
 
 Every failure a client can cause gets the OpenAI error object with a 4xx status: 400 for a body
 that is not JSON, a missing or mistyped field, a value out of range or a prompt that does not fit
-the context; 401 for a wrong API key; 404 for an unknown model or route; 413 for a body over the
-limit. Bodies are read and validated by hand (not by FastAPI's dependency injection) so that each
-of these is decided here. A client that disconnects cancels its request, which frees its batch slot
-on the engine's next step.
+the context (a prompt too long to fit whatever it tokenises to is refused before tokenising);
+401 for a wrong API key (/metrics needs it too; /health never does); 403 for a Host header that
+is not this server's while no key is set (a web page must not drive a key-less server through DNS
+rebinding); 404 for an unknown model or route; 408 past `request_timeout_s`; 413 for a body over
+the limit; 415 for a body not sent as application/json (a browser's form or text/plain "simple
+request" must not reach the model); 429 with Retry-After when the waiting queue is full. Bodies
+are read and validated by hand (not by FastAPI's dependency injection) so that each of these is
+decided here. A server-side failure of one request is a logged 500 for that request alone,
+counted in /metrics. A client that disconnects cancels its request, which frees its batch slot on
+the engine's next step. Templating and tokenising run on a worker thread, so a big prompt never
+stalls the event loop (and /health) for the others.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +90,8 @@ def make_served(backend, tokenizer, cfg: ServeConfig, name: str) -> ServedModel:
         raise KeelError(f"max_context {cfg.max_context} exceeds the model's {backend.max_context} positions: "
                         f"set it to at most {backend.max_context} (0 uses the model's)", field="max_context")
     eos, _ = special_ids(tokenizer)
-    return ServedModel(name, backend, tokenizer, Engine(backend, eos_id=eos, max_batch=cfg.max_batch),
+    return ServedModel(name, backend, tokenizer,
+                       Engine(backend, eos_id=eos, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting),
                        cfg.max_context or backend.max_context)
 
 
@@ -120,9 +130,40 @@ def _auth(request: HttpRequest, api_key: str) -> None:
         raise ApiError(401, "invalid API key: send it as 'Authorization: Bearer KEY'", "invalid_api_key")
 
 
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+class HostCheck:
+    """ASGI middleware: 403 for a Host header naming another server, when no API key is set and
+    the server is bound to one address. A page on evil.example whose name is re-pointed at
+    127.0.0.1 (DNS rebinding) reaches a loopback server with "Host: evil.example"; the bound
+    address, and loopback names for a loopback server, are what a real client sends."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        self.app = app
+        self.allowed = None
+        if not cfg.api_key and cfg.host not in _ANY_ADDRESS:
+            self.allowed = {cfg.host.lower(), *(_LOOPBACK if cfg.host in _LOOPBACK else ())}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.allowed is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+            if name not in self.allowed:
+                response = ApiError(403, f"the Host header {host!r} is not this server's; send "
+                                         f"Host: {sorted(self.allowed)[0]} (or set an api_key)", "host_not_allowed").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _parse(request: HttpRequest, schema, cfg: ServeConfig, model_name: str):
     """The authorised, size-checked, validated body, for the model this server serves."""
     _auth(request, cfg.api_key)
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, f"send the body as JSON with 'Content-Type: application/json' (got {media_type or 'none'!r})",
+                       "unsupported_media_type")
     raw = await read_body(request, cfg.max_body_bytes)
     try:
         body = schema.model_validate_json(raw)
@@ -144,6 +185,12 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
     requests = RequestBuilder(served.context, served.backend.vocab_size, served.backend.device,
                               cfg.default_max_tokens, cfg.seed)
     tok = served.tokenizer
+    # One worker: tokenisers are not safe to share between threads, and a queue of big prompts
+    # waits there rather than occupying every thread of the pool.
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-tokenize")
+    # No token is longer than the tokenizer's longest vocabulary entry, so a prompt of more
+    # characters than context x that cannot fit: refused without tokenising it.
+    max_prompt_chars = served.context * max(map(len, tok.get_vocab()), default=1)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -152,17 +199,29 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
             yield
         finally:
             served.engine.stop()
+            tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="keel", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(CountStatus, metrics=metrics, routes=ROUTES)
+    app.add_middleware(HostCheck, cfg=cfg)
+    app.add_middleware(CountStatus, metrics=metrics, routes=ROUTES)  # added last: outermost, counts the 403s too
     _add_error_handlers(app)
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
+
+    def check_prompt_chars(chars: int, param: str) -> None:
+        if chars > max_prompt_chars:
+            raise ApiError(400, f"the prompt has {chars} characters, more than can fit the model's context of "
+                                f"{served.context} tokens (at most {max_prompt_chars} characters)",
+                           "context_length_exceeded", param)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": served.name, "backend": served.backend.name}
 
     @app.get("/metrics")
-    async def prometheus():
+    async def prometheus(request: HttpRequest):
+        _auth(request, cfg.api_key)
         return PlainTextResponse(metrics.render(served.engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -172,15 +231,9 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
                                             "max_model_len": served.context}]}
 
     def submit_all(reqs, streams) -> list[Generation]:
-        """Queue every choice; if one is refused, the ones already queued are cancelled."""
-        gens = []
-        try:
-            for req, stream in zip(reqs, streams):
-                gens.append(Generation.submit(served.engine, req, stream, metrics))
-        except ApiError:
-            for g in gens:
-                g.req.cancel()
-            raise
+        """Queue every choice, or none (a 4xx)."""
+        gens = [Generation(req, stream, metrics, cfg.request_timeout_s) for req, stream in zip(reqs, streams)]
+        Generation.submit_all(served.engine, gens)
         return gens
 
     def stream_checks(body) -> None:
@@ -191,16 +244,21 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
     async def chat_completions(request: HttpRequest):
         body = await _parse(request, ChatCompletionRequest, cfg, served.name)
         stream_checks(body)
-        text = render_messages(tok, body.messages)
-        ids = tok.encode(text, add_special_tokens=False)
+        check_prompt_chars(sum(len(m.text()) for m in body.messages), "messages")
+
+        def tokenize():
+            text = render_messages(tok, body.messages)
+            return text, tok.encode(text, add_special_tokens=False)
+
+        text, ids = await off_loop(tokenize)
         reqs = [requests.build(body, ids, i) for i in range(body.n)]
         # a template that opens the think block itself: the model's first tokens are reasoning
         streams = [TextStream(tok, body.stop_list(), in_think=text.rstrip().endswith(THINK_OPEN)) for _ in reqs]
         gens, reply = submit_all(reqs, streams), chat_reply(served.name)
         if body.stream:
             return streaming_response(request, gens, reply, chat_chunks, include_usage=body.include_usage(),
-                                      opening=[chat_opening(reply)])
-        finishes = await run_all(request, gens)
+                                      timeout_s=cfg.request_timeout_s, opening=[chat_opening(reply)])
+        finishes = await run_all(request, gens, cfg.request_timeout_s)
         choices = []
         for i, (gen, finish) in enumerate(zip(gens, finishes)):
             message = {"role": "assistant", "content": gen.text.sent_content}
@@ -214,14 +272,17 @@ def create_app(served: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI
         body = await _parse(request, CompletionRequest, cfg, served.name)
         prompts = body.prompts()
         stream_checks(body)
-        ids = [completion_prompt_ids(tok, p) for p in prompts]
+        for p in prompts:
+            if isinstance(p, str):
+                check_prompt_chars(len(p), "prompt")
+        ids = await off_loop(lambda: [completion_prompt_ids(tok, p) for p in prompts])
         reqs = [requests.build(body, p_ids, k * body.n + i) for k, p_ids in enumerate(ids) for i in range(body.n)]
         streams = [TextStream(tok, body.stop_list(), reasoning=False) for _ in reqs]
         gens, reply = submit_all(reqs, streams), completion_reply(served.name)
         if body.stream:
             return streaming_response(request, gens, reply, completion_chunks, include_usage=body.include_usage(),
-                                      prompts=len(prompts))
-        finishes = await run_all(request, gens)
+                                      timeout_s=cfg.request_timeout_s, prompts=len(prompts))
+        finishes = await run_all(request, gens, cfg.request_timeout_s)
         choices = []
         for j, (gen, finish) in enumerate(zip(gens, finishes)):
             text = gen.text.sent_content

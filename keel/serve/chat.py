@@ -2,7 +2,8 @@
 
 Owns the terminal loop (commands, history, the context budget) and how a reply is printed. It
 runs the serving engine in-process (no server): the same backends, template, sampler, stop rules
-and reasoning split as `keel serve`. Type /reset to start over, /exit (or Ctrl-D) to leave.
+and reasoning split as `keel serve`. Type /reset to start over, /exit (or Ctrl-D) to leave; Ctrl-C
+stops the reply being written and returns to the prompt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from keel.engine.sampler import SamplingParams
 from keel.engine.batching import Engine, Request
 from keel.serve.text import THINK_OPEN, TextStream, render_chat
 
-HELP = "type a message; /reset starts over, /exit leaves"
+HELP = "type a message; /reset starts over, /exit leaves; Ctrl-C stops a reply"
 
 
 def chat(backend, tokenizer, *, max_tokens: int = 256, temperature: float = 0.7, top_p: float = 1.0,
@@ -35,9 +36,12 @@ def chat(backend, tokenizer, *, max_tokens: int = 256, temperature: float = 0.7,
     while True:
         try:
             line = read("> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             write("\n")
             return replies
+        except KeyboardInterrupt:  # as in Python's own prompt: Ctrl-C clears the line, Ctrl-D leaves
+            write("\n(/exit or Ctrl-D leaves)\n")
+            continue
         if line.strip() in ("/exit", "/quit"):
             return replies
         if line.strip() == "/reset":
@@ -67,11 +71,17 @@ def chat(backend, tokenizer, *, max_tokens: int = 256, temperature: float = 0.7,
             show(d_r, d_c)
 
         req = Request(ids, SamplingParams(temperature, top_p, budget), generator, on_token=on_token)
-        engine.submit(req)
-        engine.run_until_idle()
-        d_r, d_c, _ = stream.push(req.tokens, final=True)
-        show(d_r, d_c)
-        write("\n")
+        try:
+            engine.submit(req)
+            engine.run_until_idle()
+            d_r, d_c, _ = stream.push(req.tokens, final=True)
+            show(d_r, d_c)
+            write("\n")
+        except KeyboardInterrupt:
+            # Ctrl-C stops this reply, not the chat: what was shown stays in the history. The engine
+            # may have been interrupted mid-step, so the next reply gets a new one (it holds no weights).
+            write(" (stopped)\n")
+            engine = Engine(backend, eos_id=eos, max_batch=1)
         messages.append({"role": "assistant", "content": stream.sent_content})
         replies += 1
 

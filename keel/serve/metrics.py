@@ -1,6 +1,11 @@
 """The server's Prometheus metrics: what it counts (responses by route and status, request latency,
 time to first token), the ASGI middleware that counts responses, and the /metrics text.
 
+Every status class is counted, 5xx included: an exception that escapes the app (answered with a
+500 by Starlette's outermost error middleware, outside this one) counts as a 500, and a streamed
+response that fails after its 200 went out counts under keel_http_stream_errors_total with the
+status it would have had.
+
 Engine-side numbers (admitted, finished, tokens, decode steps) are the engine's own `stats`, read
 when /metrics is rendered, so nothing here duplicates the engine's bookkeeping.
 """
@@ -17,6 +22,8 @@ _ENGINE_COUNTERS = {  # Prometheus name -> attribute of engine.stats
     "keel_requests_admitted_total": "admitted",
     "keel_requests_finished_total": "finished",
     "keel_requests_cancelled_total": "cancelled",
+    "keel_requests_failed_total": "failed",
+    "keel_requests_refused_total": "refused",
     "keel_prompt_tokens_total": "prompt_tokens",
     "keel_generation_tokens_total": "generated_tokens",
     "keel_decode_steps_total": "decode_steps",
@@ -30,6 +37,7 @@ class ServeMetrics:
 
     def __init__(self):
         self.status: Counter = Counter()   # (path, status) -> responses
+        self.stream_errors: Counter = Counter()  # (path, status) -> streams that failed after their 200
         self.latency_sum, self.latency_n = 0.0, 0
         self.ttft_sum, self.ttft_n = 0.0, 0
         self._lock = threading.Lock()
@@ -37,6 +45,10 @@ class ServeMetrics:
     def count_response(self, path: str, status: int) -> None:
         with self._lock:
             self.status[(path, status)] += 1
+
+    def count_stream_error(self, path: str, status: int) -> None:
+        with self._lock:
+            self.stream_errors[(path, status)] += 1
 
     def observe_first_token(self, seconds: float) -> None:
         with self._lock:
@@ -52,8 +64,11 @@ class ServeMetrics:
         """The Prometheus text exposition of these counters and the engine's."""
         s = engine.stats
         lines = ["# TYPE keel_http_responses_total counter"]
-        lines += [f'keel_http_responses_total{{path="{p}",status="{c}"}} {n}'
-                  for (p, c), n in sorted(self.status.items())]
+        with self._lock:
+            status, stream_errors = sorted(self.status.items()), sorted(self.stream_errors.items())
+        lines += [f'keel_http_responses_total{{path="{p}",status="{c}"}} {n}' for (p, c), n in status]
+        lines += ["# TYPE keel_http_stream_errors_total counter"]
+        lines += [f'keel_http_stream_errors_total{{path="{p}",status="{c}"}} {n}' for (p, c), n in stream_errors]
         gauges = {"keel_requests_running": engine.running, "keel_requests_waiting": engine.waiting}
         for name, v in gauges.items():
             lines += [f"# TYPE {name} gauge", f"{name} {v}"]
@@ -76,10 +91,18 @@ class CountStatus:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in self.routes else "other"
+        started = False
 
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.count_response(path, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:  # Starlette's outermost middleware turns it into a 500
+                self.metrics.count_response(path, 500)
+            raise

@@ -7,6 +7,11 @@ parameters, the per-request seed), `Generation` (one request on the engine and t
 of its text deltas), `Reply` and the chat-chunk / completion-choice builders, the OpenAI
 `logprobs` objects (chat's `content[]` and the legacy completions one), and the one SSE
 response both routes stream through. The routes themselves live in `keel.serve.app`.
+
+Every admitted request ends with a response: its tokens, or an error object (500 when the engine
+failed it, logged; 408 past the server's `request_timeout_s`), streamed as a last SSE event when the
+200 already went out. A client that disconnects (streaming or not) or runs past the timeout has its
+choices abandoned: cancelled on the engine, which frees their batch slots on its next step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import threading
 import time
@@ -24,14 +30,17 @@ from dataclasses import dataclass
 import torch
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from keel.errors import KeelError
 from keel.engine.sampler import SamplingParams
-from keel.engine.batching import Engine, Request
+from keel.engine.batching import Engine, QueueFull, Request
 from keel.serve.metrics import ServeMetrics
 from keel.serve.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from keel.serve.text import TextStream, render_chat
 
+log = logging.getLogger("keel.serve")
+RETRY_AFTER_S = 1  # what a 429 (queue full) tells the client to wait
 Delta = tuple[str, str, str | None]  # (reasoning delta, content delta, finish_reason or None)
 ToChunks = Callable[["Reply", str, str, str | None], list[dict]]  # how one delta becomes streamed chunks
 
@@ -40,13 +49,16 @@ class ApiError(Exception):
     """A request the server refuses, with its HTTP status and OpenAI error fields."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type_: str = "invalid_request_error"):
+                 type_: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+        self.headers = {"WWW-Authenticate": "Bearer"} if status == 401 else headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status, headers=headers)
+        return JSONResponse(self.body(), self.status, headers=self.headers)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -60,10 +72,13 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
     if length.isdigit() and int(length) > limit:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:  # the client hung up mid-upload: nobody reads this answer, no traceback
+        raise ApiError(400, "the client closed the connection before the body ended", "client_disconnected") from None
     return bytes(body)
 
 
@@ -141,47 +156,57 @@ class Generation:
     """One request on the engine, from submission to its last token. Its tokens (then None) come
     from the engine's thread onto an asyncio queue; `stream_deltas` turns them into text."""
 
-    def __init__(self, req: Request, text: TextStream, metrics: ServeMetrics, queue: asyncio.Queue, start: float):
-        self.req, self.text, self.metrics = req, text, metrics
+    def __init__(self, req: Request, text: TextStream, metrics: ServeMetrics, timeout_s: float = 0.0):
+        self.req, self.text, self.metrics, self.timeout_s = req, text, metrics, timeout_s
         self.usage: dict = {}   # OpenAI's usage object, filled in when the stream ends
-        self._queue, self._start = queue, start   # start: monotonic time of submission, for latency and TTFT
-
-    @classmethod
-    def submit(cls, engine: Engine, req: Request, text: TextStream, metrics: ServeMetrics) -> Generation:
-        """Queue `req` on the engine. Done before any response starts, so a refusal is still a
-        clean 400."""
+        self.abandoned: str | None = None  # "disconnected" | "timeout": the answer is no longer wanted
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._start = time.monotonic()   # for latency and TTFT
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
 
         def put(item):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
         req.on_token = lambda r, t: put(t)
         req.on_done = lambda r: put(None)
+
+    @staticmethod
+    def submit_all(engine: Engine, gens: list[Generation]) -> None:
+        """Queue every choice on the engine, all or none. Done before any response starts, so a
+        refusal is still a clean 4xx: 429 with Retry-After when the waiting queue is full."""
         try:
-            engine.submit(req)
+            engine.submit_all([g.req for g in gens])
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}", "queue_full", None, "rate_limit_error",
+                           {"Retry-After": str(RETRY_AFTER_S)}) from None
         except KeelError as e:
             raise ApiError(400, str(e), "invalid_value") from None
-        return cls(req, text, metrics, queue, time.monotonic())
 
-    async def stream_deltas(self, request: HttpRequest) -> AsyncIterator[Delta]:
+    def abandon(self, why: str) -> None:
+        """Stop waiting for this choice (the client left, or time ran out) and free its slot."""
+        if self.abandoned is None and not self.req.done:
+            self.abandoned = why
+            self.req.cancel()
+            self._queue.put_nowait(None)
+
+    async def stream_deltas(self) -> AsyncIterator[Delta]:
         """Yield (reasoning delta, content delta, finish_reason or None) until the request ends.
-        The client's connection is polled while no token comes, so a client that left frees its
-        batch slot instead of waiting out its max_tokens."""
+        Raises ApiError when the engine failed it (500) or it was abandoned for its timeout (408)."""
         req, ids = self.req, []
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        req.cancel()
-                        return
-                    continue
+                item = await self._queue.get()
                 if item is None:
+                    if self.abandoned == "timeout":
+                        raise ApiError(408, f"the request ran past the server's limit of {self.timeout_s:g} s "
+                                            "(request_timeout_s); ask for fewer tokens", "timeout")
+                    if self.abandoned:
+                        return
                     if req.finish_reason == "error":
-                        raise RuntimeError(f"generation failed: {req.error}")
+                        log.error("generation failed: %s", req.error)
+                        raise ApiError(500, f"generation failed: {req.error}", "generation_failed", None,
+                                       "server_error")
                     if req.finish_reason == "cancelled":
                         return
                     d_r, d_c, _ = self.text.push(ids, final=True)
@@ -203,12 +228,40 @@ class Generation:
             self.usage.update(prompt_tokens=len(req.prompt), completion_tokens=len(ids),
                               total_tokens=len(req.prompt) + len(ids))
 
-    async def finish_reason(self, request: HttpRequest) -> str | None:
+    async def finish_reason(self) -> str | None:
         """Run the request to its end without streaming; its text is then in `self.text`."""
         finish = None
-        async for _, _, f in self.stream_deltas(request):
+        async for _, _, f in self.stream_deltas():
             finish = f or finish
         return finish
+
+
+async def _client_gone(request: HttpRequest) -> None:
+    """Return once the client disconnects. The body has been read, so the next ASGI message is
+    the disconnect (or, once the response is complete, one saying so)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected after the body; never spin on it
+
+
+@contextlib.asynccontextmanager
+async def abandon_when_gone(request: HttpRequest, gens: list[Generation], timeout_s: float):
+    """While inside: a client that disconnects, or time past `timeout_s` (0: none), abandons
+    every choice of `gens`, which frees their batch slots and ends their streams."""
+
+    async def watch():
+        try:
+            await asyncio.wait_for(_client_gone(request), timeout_s or None)
+            why = "disconnected"
+        except asyncio.TimeoutError:
+            why = "timeout"
+        for g in gens:
+            g.abandon(why)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 # ----------------------------------------------------------------------------- responses
@@ -327,10 +380,12 @@ def completion_logprobs(tokenizer, gen: Generation, eos_id: int, echo: bool) -> 
     return {"tokens": texts, "token_logprobs": chosen, "top_logprobs": tops, "text_offset": offsets}
 
 
-async def run_all(request: HttpRequest, gens: list[Generation]) -> list[str | None]:
-    """Run every choice of a request to its end, together on the engine."""
+async def run_all(request: HttpRequest, gens: list[Generation], timeout_s: float) -> list[str | None]:
+    """Run every choice of a request to its end, together on the engine; a client that leaves
+    cancels them (its answer is then never sent)."""
     try:
-        return list(await asyncio.gather(*(g.finish_reason(request) for g in gens)))
+        async with abandon_when_gone(request, gens, timeout_s):
+            return list(await asyncio.gather(*(g.finish_reason() for g in gens)))
     finally:
         for g in gens:
             g.req.cancel()
@@ -353,10 +408,12 @@ SSE_DONE = "data: [DONE]\n\n"  # OpenAI's end-of-stream marker
 
 
 def streaming_response(request: HttpRequest, gens: list[Generation], reply: Reply, to_chunks: ToChunks, *,
-                       include_usage: bool, prompts: int = 1, opening: Iterable[dict] = ()) -> StreamingResponse:
+                       include_usage: bool, timeout_s: float, prompts: int = 1,
+                       opening: Iterable[dict] = ()) -> StreamingResponse:
     """The SSE response of both routes: `opening` (once per choice), then the chunks `to_chunks`
     makes of each choice's deltas as they come, each carrying its choice's index, then the usage
-    chunk if asked for (usage is known only once generation ended), then [DONE]."""
+    chunk if asked for (usage is known only once generation ended), then [DONE]. A choice that
+    fails ends the stream with an OpenAI error object (what the openai client raises on)."""
 
     async def events():
         for i in range(len(gens)):
@@ -367,25 +424,32 @@ def streaming_response(request: HttpRequest, gens: list[Generation], reply: Repl
 
         async def pump(i: int, gen: Generation):
             try:
-                async for delta in gen.stream_deltas(request):
+                async for delta in gen.stream_deltas():
                     await merged.put((i, delta))
-            except Exception as e:  # re-raised below, once every choice has stopped
+            except ApiError as e:  # sent below, once every choice has stopped
                 failed.append(e)
+            except Exception as e:  # a bug: still an answer, never a stream cut without a word
+                log.exception("internal error in a stream")
+                failed.append(ApiError(500, f"internal error: {type(e).__name__}", None, None, "server_error"))
             finally:
                 await merged.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
         try:
-            running = len(gens)
-            while running:
-                i, delta = await merged.get()
-                if delta is None:
-                    running -= 1
-                    continue
-                for obj in to_chunks(reply, *delta):
-                    yield sse(_indexed(obj, i))
-            if failed:
-                raise failed[0]
+            async with abandon_when_gone(request, gens, timeout_s):
+                running = len(gens)
+                while running:
+                    i, delta = await merged.get()
+                    if delta is None:
+                        running -= 1
+                        continue
+                    for obj in to_chunks(reply, *delta):
+                        yield sse(_indexed(obj, i))
+            if failed:  # the 200 went out already: the error travels as the last event
+                gens[0].metrics.count_stream_error(request.url.path, failed[0].status)
+                yield sse(failed[0].body())
+                yield SSE_DONE
+                return
         finally:
             for t in tasks:
                 t.cancel()

@@ -18,6 +18,8 @@ MAX_N = 16            # choices per prompt
 MAX_CHOICES = 64      # choices per request (prompts x n): bounds one request's work
 MAX_PROMPTS = 64      # prompts in one completions request
 MAX_TOP_LOGPROBS = 20
+MAX_STOPS = 4         # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 128  # characters per stop string: bounds the per-token stop check
 
 # OpenAI fields keel does not implement, and the values that mean "not used" (accepted, no effect)
 _NEUTRAL: dict[str, tuple] = {
@@ -78,7 +80,8 @@ class _Sampling(_Body):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    stop: (Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+           | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | None) = None
     seed: int | None = None
 
     @model_validator(mode="before")

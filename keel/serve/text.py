@@ -3,9 +3,12 @@ turns messages into a prompt, and from generated token ids to the text a client 
 (incremental decoding, stop strings, and the split of R1-style output into `reasoning_content`,
 between think tags, and `content`).
 
-Everything is recomputed from the full decoded text at each token and only the new suffix is
-sent, so a stream's deltas always add up to the non-streamed answer. Text that might still turn
-into a stop string or a think tag is held back until the next token decides.
+Each token costs a bounded amount of tokenizer work: only a window of the last few tokens is
+decoded (vLLM's incremental detokenizer: the text of tokens [prefix, end) minus that of
+[prefix, read)), and a stop string is looked for only where it could newly end (the new text and
+the longest stop's length before it). Only the new suffix of the visible text is sent, so a
+stream's deltas always add up to the non-streamed answer. Text that might still turn into a stop
+string or a think tag is held back until the next token decides.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ def split_reasoning(text: str, in_think: bool = False, final: bool = True) -> tu
     return None, s
 
 
-def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """`text` up to the first stop string (excluded), and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+def cut_at_stop(text: str, stop: list[str], since: int = 0) -> tuple[str, bool]:
+    """`text` up to the first stop string (excluded), and whether one was found. Matches are
+    looked for from `since` on (a caller that already checked the text before may skip it)."""
+    hits = [i for i in (text.find(s, since) for s in stop if s) if i >= 0]
     return (text[:min(hits)], True) if hits else (text, False)
 
 
@@ -53,14 +57,34 @@ class TextStream:
     delta, stopped) each time. `stopped` means a stop string appeared: end the request."""
 
     def __init__(self, tokenizer, stop: list[str] | None = None, in_think: bool = False, reasoning: bool = True):
-        self.tokenizer, self.stop, self.in_think, self.reasoning = tokenizer, list(stop or []), in_think, reasoning
+        self.tokenizer, self.stop, self.in_think, self.reasoning = tokenizer, [s for s in stop or [] if s], in_think, reasoning
         self.sent_reasoning, self.sent_content = "", ""
+        self.text = ""                  # the decoded output so far, cut at a stop string once one appeared
+        self._prefix = self._read = 0   # token offsets of the decode window
+        self._longest_stop = max(map(len, self.stop), default=0)
+
+    def _new_text(self, token_ids: list[int], final: bool) -> str:
+        """The text the tokens since the last call add, from decoding a window of a few tokens."""
+        n = len(token_ids)
+        prefix_text = self.tokenizer.decode(token_ids[self._prefix:self._read], skip_special_tokens=True)
+        text = self.tokenizer.decode(token_ids[self._prefix:n], skip_special_tokens=True)
+        if len(text) <= len(prefix_text):  # only skipped (special) tokens: nothing to show yet
+            if text == prefix_text:
+                self._read = n
+            return ""
+        if not final and text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return ""
+        self._prefix, self._read = self._read, n
+        return text[len(prefix_text):]
 
     def push(self, token_ids: list[int], final: bool = False) -> tuple[str, str, bool]:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):  # half of a multi-byte character
-            return "", "", False
-        text, stopped = cut_at_stop(text, self.stop)
+        """The deltas `token_ids` (the whole output so far, one token longer than last time, or the
+        same with `final`) add."""
+        checked = len(self.text)
+        self.text += self._new_text(token_ids, final)
+        # a stop string found now ends in the new text: it starts at most its length before it
+        self.text, stopped = cut_at_stop(self.text, self.stop, max(0, checked - self._longest_stop + 1))
+        text = self.text
         final = final or stopped
         if not final:
             text = text[:len(text) - held_suffix(text, self.stop)]

@@ -20,7 +20,8 @@ SIGALRM handler the trainer has. So it is always called here with its timeouts d
   re-import of the trainer's `__main__` as multiprocessing's spawn would do) that speaks one JSON
   line per request over pipes. The parent waits at most `CHECK_DEADLINE_S` with `select`; past it
   the child is killed, a fresh one is started at once (its import time is not charged to the next
-  check's deadline) and the check counts as not equal.
+  check's deadline) and the check counts as not equal, with a warning on the "keel.verify" logger
+  and a count in `stats()`.
 
 Results are cached per process (same input -> same result within a run, timeouts included). A check
 that lands near the deadline could in principle differ between runs on a heavily loaded machine;
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import re
 import select
@@ -41,6 +43,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+
+log = logging.getLogger("keel.verify")  # a timed-out check is a warning here, and counted in stats()
 
 CHECK_DEADLINE_S = 2.0  # wall time one comparison may take in the worker
 STARTUP_DEADLINE_S = 60.0  # a fresh worker must import math-verify within this
@@ -302,6 +306,8 @@ def latex_equal(pred: str, ref: str, deadline_s: float | None = None) -> bool | 
             answer = worker.ask(pred, ref, CHECK_DEADLINE_S if deadline_s is None else deadline_s)
             if answer is None:  # timed out, died or garbled: replace it now, count as not equal
                 _STATS["timeouts"] += 1
+                log.warning("math-verify gave no verdict within %.1fs on %.80r vs %.80r: counted as not equal",
+                            CHECK_DEADLINE_S if deadline_s is None else deadline_s, pred, ref)
                 _STATS["restarts"] += 1
                 worker.close()
                 _WORKER = _Worker()  # starts importing in the background right away

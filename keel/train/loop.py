@@ -24,10 +24,11 @@ from keel.resilience.faults import Injector
 from keel.resilience.guard import SpikeDetector, Watchdog
 from keel.resilience.ranks import gather_state, rank_state
 from keel.runlog import RunLog, progress, read_jsonl
+from keel.trackers import open_trackers
 
 # Fields that measure the machine, not the run; they differ between a resumed run and an
 # uninterrupted one and are left out of exactness comparisons.
-TIMING_KEYS = {"tokens_per_s", "step_s", "rollout_s"}
+TIMING_KEYS = {"tokens_per_s", "step_s", "rollout_s", "weight_sync_s"}
 
 
 class Trainer(Protocol):
@@ -35,6 +36,7 @@ class Trainer(Protocol):
 
     step_idx: int  # steps taken; the loop runs until it reaches the stage's total
     sync: Sync     # how ranks keep in step (a single process too): the loop's collectives go through it
+    cfg: object    # the stage's config; its report_to trackers get the metrics rows and the config itself
 
     def step(self, injector: Injector, apply: bool = True) -> dict:
         """Take step `step_idx + 1` and return its metrics row; with apply=False draw the step's
@@ -62,13 +64,15 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
     out = Path(out)
     sync = trainer.sync
     world = sync.world
-    log = RunLog(out if world.main else out / f"rank{world.rank}")
+    log = RunLog(out if world.main else out / f"rank{world.rank}",
+                 trackers=open_trackers(trainer.cfg, out, stage) if world.main else [])
     ckpt = Checkpointer(out / "checkpoints", log, res.checkpoint_every, res.checkpoint_seconds, res.keep,
                         res.async_checkpoint)
     injector = Injector(res.inject or os.environ.get("KEEL_FAULTS", ""), log, fired_faults(log.out), world.rank)
     ckpt.on_saved = injector.after_checkpoint
     spikes = SpikeDetector(res.spike_zscore, res.spike_window)
     skip: set[int] = set()
+    rows: list[dict] = []
 
     def restore(reason: str) -> bool:
         # Rank 0 picks the checkpoint (it may have one still being written), the others follow.
@@ -82,8 +86,10 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
         trainer.load_state(tensors, meta)
         sync.load_state(tensors.get("sync", {}), meta.get("sync", {}))
         spikes.history = state["spikes"]
-        skip.clear()
+        # A union, not the checkpoint's set: two spikes after one checkpoint would otherwise each
+        # forget the other's skip on rollback and take turns spiking for ever.
         skip.update(state["skip"])
+        del rows[sum(1 for row in rows if row["step"] <= trainer.step_idx):]  # they will be taken again
         log.truncate(stage, trainer.step_idx)
         log.event(reason, stage=stage, step=trainer.step_idx)
         return True
@@ -107,7 +113,6 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
         sync.comm.barrier()
     sync.comm.take_step()  # start-up traffic (the weight broadcast, the resume choice) is no step's
     watchdog = Watchdog(res.hang_seconds, log.out, log)
-    rows = []
     try:
         with progress(stage, total, enabled=world.main) as advance:
             advance(trainer.step_idx)

@@ -3,6 +3,8 @@
 The loss covers completion tokens only (the prompt is given, not learned). Sequences are packed
 into fixed-length rows with position ids restarting at each sequence; transformers turns that into
 a block-diagonal attention mask, so no compute is spent on padding and no sequence sees another.
+Models for which that is not exact (`models.packs_exactly`: OPT, whose learned positions come from
+the attention mask) get padded rows instead, one sequence per row, with a one-line notice.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from keel.distributed import make_sync
 from keel.engine.sampler import LOGITS_BUDGET, chunked_head, head_logprobs
 from keel.epochs import Epochs
 from keel.errors import KeelError
-from keel.models import enable_gradient_checkpointing, render_prompt, special_ids, with_lora
+from keel.models import enable_gradient_checkpointing, packs_exactly, render_prompt, special_ids, with_lora
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
 from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
                                    optimizer_state, rng_state, set_rng_state)
+from keel.runlog import console
 from keel.tasks import get_task
 from keel.train.loop import train_loop
 
@@ -40,6 +43,12 @@ class Packed:
     input_ids_BT: torch.Tensor
     labels_BT: torch.Tensor      # next-token targets aligned with inputs; IGNORE off the completions
     position_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor | None = None  # padded rows (`pad`) only: 1 on real tokens
+
+    def rows(self, start: int, stop: int, device) -> "Packed":
+        """Rows start:stop on `device` (a micro-batch)."""
+        parts = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Packed(*(None if x is None else x[start:stop].to(device) for x in parts))
 
 
 def encode_traces(tokenizer, examples) -> list[tuple[list[int], list[int]]]:
@@ -90,12 +99,27 @@ def pack(pairs, row_len: int, pad_id: int) -> Packed:
     return Packed(t(rows), t(labels), t(positions))
 
 
-class Batches(Epochs):
-    """An endless, seeded stream of packed batches over (prompt, completion) pairs."""
+def pad(pairs, pad_id: int) -> Packed:
+    """One sequence per row, right-padded to the longest, with an attention mask: what models that
+    cannot pack (`models.packs_exactly`) train on."""
+    width = max(len(p) + len(c) for p, c in pairs)
+    rows, labels, masks = [], [], []
+    for prompt, completion in pairs:
+        n = width - len(prompt) - len(completion)
+        rows.append(prompt + completion + [pad_id] * n)
+        labels.append([IGNORE] * (len(prompt) - 1) + completion + [IGNORE] * (n + 1))
+        masks.append([1] * (width - n) + [0] * n)
+    t = lambda x: torch.tensor(x, dtype=torch.long)
+    return Packed(t(rows), t(labels), torch.arange(width).repeat(len(pairs), 1), t(masks))
 
-    def __init__(self, pairs, batch_tokens: int, pad_id: int, seed: int):
+
+class Batches(Epochs):
+    """An endless, seeded stream of batches over (prompt, completion) pairs: packed rows, or with
+    `packed=False` padded ones (`pad`), of about `batch_tokens` real tokens either way."""
+
+    def __init__(self, pairs, batch_tokens: int, pad_id: int, seed: int, packed: bool = True):
         super().__init__(pairs, seed)
-        self.batch_tokens, self.pad_id = batch_tokens, pad_id
+        self.batch_tokens, self.pad_id, self.packed = batch_tokens, pad_id, packed
         self.row_len = min(batch_tokens, max(256, max(len(p) + len(c) for p, c in pairs)))
 
     def next(self) -> Packed:
@@ -104,7 +128,7 @@ class Batches(Epochs):
             pair = self.peek()
             n = len(pair[0]) + len(pair[1])
             if chosen and tokens + n > self.batch_tokens:
-                return pack(chosen, self.row_len, self.pad_id)
+                return pack(chosen, self.row_len, self.pad_id) if self.packed else pad(chosen, self.pad_id)
             chosen.append(pair)
             tokens += n
             self.cursor += 1
@@ -115,6 +139,8 @@ def completion_loss(model, batch: Packed, logits_budget: int = LOGITS_BUDGET) ->
     `logits_budget` elements of logits, only the completion positions go through the LM head, in
     chunks (engine.sampler.head_logprobs): the [B, T, V] logits are never built."""
     forward = dict(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False)
+    if batch.attention_mask_BT is not None:
+        forward["attention_mask"] = batch.attention_mask_BT
     predicts_BT = batch.labels_BT != IGNORE
     n = int(predicts_BT.sum())
     if chunked_head(model, batch.labels_BT.numel(), logits_budget):
@@ -140,6 +166,7 @@ class SFTTrainer:
         self.base_digest = frozen_digest(model) if self.peft is not None else None
         self.model = model.to(self.device).train()
         enable_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
+        packs = packs_exactly(self.model, cfg.batch_tokens)  # before any wrapping: a plain local forward
         self.sync = make_sync(cfg.distributed, self.model, self.device)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         task = get_task(cfg.task, **cfg.task_options)
@@ -148,7 +175,11 @@ class SFTTrainer:
         pairs = encode_traces(tokenizer, examples)[rank::ranks]
         if not pairs or cfg.batch_tokens // ranks < 16:
             raise KeelError(f"sft: {ranks} ranks need at least {ranks} traces and batch_tokens >= {16 * ranks}")
-        self.batches = Batches(pairs, cfg.batch_tokens // ranks, pad_id, cfg.seed)
+        self.batches = Batches(pairs, cfg.batch_tokens // ranks, pad_id, cfg.seed, packed=packs)
+        if not packs and self.sync.world.main:
+            console.print(f"sft: {type(self.model).__name__} computes packed sequences differently from single ones; "
+                          "training on padded batches instead", style="yellow", highlight=False, markup=False,
+                          soft_wrap=True)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.step_idx = 0
 
@@ -172,8 +203,7 @@ class SFTTrainer:
         def backward(loss_scale: float) -> float:
             loss = 0.0
             for start in range(0, len(batch.input_ids_BT), rows):
-                micro = Packed(*(x[start:start + rows].to(self.device)
-                                 for x in (batch.input_ids_BT, batch.labels_BT, batch.position_ids_BT)))
+                micro = batch.rows(start, start + rows, self.device)
                 with autocast(self.device, self.cfg.dtype):
                     micro_loss, n = completion_loss(self.model, micro)
                 weighted = micro_loss * (n / n_tokens)  # a token mean over the micro-batch -> over the batch

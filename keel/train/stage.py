@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
 from keel.distributed import shutdown
-from keel.distributed.world import main_process
+from keel.distributed.world import elastic_restart, main_process
 from keel.errors import KeelError
 from keel.models import add_lora, is_lora, load_model, merge_lora, save_adapter, save_model
+from keel.resilience.checkpoint import listing, step_of
 
 # (model, tokenizer, stage config, run folder) -> metrics rows: keel.train.sft.sft, keel.rl.trainer.rl
 Train = Callable[[object, object, object, Path], list]
@@ -19,6 +22,29 @@ def check_unfinished(out: str | Path) -> None:
     final = Path(out) / "model"
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise KeelError(f"{final} already exists: pass a new out folder, or delete it to train again", field="out")
+
+
+def check_fresh_start(out: str | Path, resume: bool, fresh: bool) -> None:
+    """A run folder's checkpoints are never replaced by accident: with checkpoints in OUT a run
+    needs --resume (continue from them) or --fresh (start over; the loop deletes them). A group
+    torchrun restarted resumes by itself."""
+    found = listing(Path(out) / "checkpoints")
+    if found and not resume and not fresh and not elastic_restart():
+        raise KeelError(f"{out} has checkpoints up to step {step_of(found[0])}: add --resume to continue from "
+                        "them, or --fresh to start over and delete them")
+
+
+def interrupted(out: str | Path, argv: list[str]) -> str:
+    """What to tell a person who pressed Ctrl-C in `keel <argv>`: where the newest checkpoint is
+    and the command that continues from it."""
+    found = listing(Path(out) / "checkpoints")
+    args = [a for a in argv if a not in ("--resume", "--fresh")]
+    launcher = "torchrun ... -m keel" if "WORLD_SIZE" in os.environ else "keel"
+    if not found:
+        return ("interrupted before the first checkpoint (--checkpoint-every N writes them); start again with:\n"
+                f"  {launcher} {shlex.join(args)}")
+    return (f"interrupted; the newest checkpoint is {found[0]} (step {step_of(found[0])}). Continue with:\n"
+            f"  {launcher} {shlex.join(args + ['--resume'])}")
 
 
 def train_stage(train: Train, cfg, model_dir: str | Path, out: str | Path) -> Path | None:

@@ -1,7 +1,9 @@
 """The `keel` command end to end: bad input gets one line, exit status 2, and nothing written."""
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -119,11 +121,19 @@ def test_data_writes_rows_with_traces(tmp_path):
     assert {"question", "answer", "trace", "numbers", "target"} <= set(rows[0])
 
 
-def test_eval_prints_json(tiny_model):
+def test_eval_prints_the_librarys_numbers(tiny_model):
     r = keel("eval", "--model", tiny_model, "--task", "arithmetic", "--n", "4", "--k", "2", "-o", "digits=1")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["n"] == 4 and 0 <= result["pass@1"] <= 1 and 0 <= result["pass@2"] <= 1
+    from keel.config import EvalConfig
+    from keel.evaluate import evaluate
+    from keel.models import load_model
+
+    model, tokenizer = load_model(tiny_model)
+    expected = evaluate(model, tokenizer, EvalConfig(task_options={"digits": 1}, n=4, k=2, device="cpu"))
+    expected.pop("examples")
+    assert result == expected  # the flags reach the library: same problems, same seed, same counts
+    assert set(result) == {"n", "pass@1", "format", "pass@2", "sampled_accuracy"} and result["n"] == 4
 
 
 def test_sft_then_rl_write_hf_models(tmp_path, tiny_model):
@@ -135,9 +145,12 @@ def test_sft_then_rl_write_hf_models(tmp_path, tiny_model):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    for key in ("reward_correct", "reward_format", "accuracy", "response_length", "clip_frac", "kl",
-                "entropy", "grad_norm", "tokens_per_s"):
-        assert key in rows[-1] or rows[-1].get("skipped"), key
+    for row in rows:  # this model's groups have signal (DAPO's overlong penalty): no step may be skipped
+        assert "skipped" not in row, row
+        for key in ("reward_correct", "reward_format", "accuracy", "response_length", "clip_frac", "kl",
+                    "entropy", "grad_norm", "tokens_per_s"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
+        assert 0 <= row["accuracy"] <= 1 and row["grad_norm"] > 0 and row["tokens_per_s"] > 0
     assert (tmp_path / "rl" / "model" / "config.json").is_file()
     # a finished run is not overwritten by accident
     r = keel("rl", "--model", tmp_path / "sft" / "model", "--out", tmp_path / "rl", "--steps", "1")
@@ -148,3 +161,63 @@ def test_usage_errors_exit_2_without_a_traceback():
     for args in (["nosuch"], ["rl", "--bogus", "1"]):
         r = keel(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and "Error:" in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- out folders (issue 17, item 8)
+
+
+def test_init_model_never_deletes_a_folder_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    r = keel("init-model", "--layers", "1", "--hidden", "32", "--out", out)
+    assert_one_line_error(r, str(out), "--overwrite")
+    assert (out / "thesis.tex").read_text() == "years of work" and [p.name for p in tmp_path.iterdir()] == ["mine"]
+    r = keel("init-model", "--layers", "1", "--hidden", "32", "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").is_file() and not (out / "thesis.tex").exists()
+
+
+def test_export_never_replaces_its_input(tiny_model):
+    before = {p.name: p.read_bytes() for p in tiny_model.iterdir()}
+    r = keel("export", "--model", tiny_model, "--out", tiny_model)
+    assert_one_line_error(r, "would replace the input")
+    r = keel("export", "--model", tiny_model, "--out", tiny_model.parent, "--overwrite")  # a folder holding it
+    assert_one_line_error(r, "would replace the input")
+    assert {p.name: p.read_bytes() for p in tiny_model.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- broken models (issue 17, item 9)
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("broken")
+    folders = {}
+    for name in ("null_config", "wrong_type", "truncated"):
+        folders[name] = root / name
+        shutil.copytree(tiny_model, folders[name])
+    (folders["null_config"] / "config.json").write_text("null")
+    config = json.loads((tiny_model / "config.json").read_text())
+    (folders["wrong_type"] / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    weights = folders["truncated"] / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    return folders
+
+
+@pytest.mark.parametrize("broken, command, names", [
+    ("null_config", ["eval", "--n", "1"], "config.json"),
+    ("wrong_type", ["sft", "--out", "{tmp}/run", "--steps", "1"], "config.json"),
+    ("truncated", ["export", "--out", "{tmp}/onnx"], "model.safetensors"),
+    ("null_config", ["label", "--questions", "{tmp}/q.jsonl", "--out", "{tmp}/l.jsonl"], "config.json"),
+    ("truncated", ["serve", "--port", "0"], "model.safetensors"),
+])
+def test_a_broken_model_folder_is_one_line_naming_the_file(tmp_path, broken_models, broken, command, names):
+    """Every command loads models through keel.models.load_model (serve, chat and parity through
+    engine.backends): one command per way in."""
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    r = keel(args[0], "--model", broken_models[broken], *args[1:])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(broken_models[broken] / names) in errors[0], r.stderr  # (progress lines aside)

@@ -72,12 +72,12 @@ CFG = LabelConfig(k=4, max_new_tokens=24, batch_questions=4, device="cpu")
 
 
 def test_labels_from_a_tiny_model(tiny, tmp_path):
-    questions = write_questions(tmp_path / "q.jsonl", 24)
+    questions = write_questions(tmp_path / "q.jsonl", 24, digits=1)  # the sums the model was tuned on
     out = tmp_path / "labels.jsonl"
     summary = label_file(tiny, tmp_path / "q.jsonl", out, CFG)
     rows, unlabelled = all_rows(out)
     assert sorted(r["id"] for r in rows + unlabelled) == list(range(24))  # each question once, fields kept
-    assert summary["questions"] == 24 and summary["verified"] == 12
+    assert summary["questions"] == 24 and summary["verified"] + summary["unverified"] == 12
     assert summary["majority"] + summary["unlabelled"] == 12 and Path(summary["plot"]).stat().st_size > 0
     by_id = {q["id"]: q for q in questions}
     for r in rows:
@@ -85,14 +85,20 @@ def test_labels_from_a_tiny_model(tiny, tmp_path):
         assert len(r["input_sha256"]) == 64 and len(r["model_sha256"]) == 64 and r["created"]
         assert r["sampling"] == {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 24, "k": 4, "seed": 0}
         if "answer" in by_id[r["id"]]:
-            assert r["method"] == "verified" and r["answer"] == by_id[r["id"]]["answer"] and not r["flagged"]
-            assert r["trace"] is None or answers_match(extract_answer(r["trace"]), r["answer"])
+            assert r["answer"] == by_id[r["id"]]["answer"]
+            if r["accepted"]:  # verified: a sample reached the reference, and the trace is one of them
+                assert r["method"] == "verified" and not r["flagged"]
+                assert answers_match(extract_answer(r["trace"]), r["answer"])
+            else:  # issue 18: no "verified" row without an accepted sample; it goes to review
+                assert (r["method"], r["trace"], r["flagged"], r["flag_reason"]) == (
+                    "unverified", None, True, "no sample verified")
         else:
             assert r["method"] == "majority" and r["answer"] == extract_answer(r["trace"]).strip()
             assert r["flagged"] == (r["flag_reason"] is not None)
             assert r["flagged"] or r["confidence"] >= 0.5
     assert all(r["answer"] is None and r["flag_reason"] == "no answer" for r in unlabelled)
     assert any(r["trace"] for r in rows if r["method"] == "verified")  # rejection sampling accepted something
+    assert summary["unverified"] > 0  # and missed some: the case above is exercised
 
     # ready for `keel sft` / `keel rl`: a FileTask reads it, the traced rows become SFT examples
     task = get_task(str(out), test_fraction=0.0)

@@ -126,6 +126,13 @@ BAD = [  # (name, body bytes or dict, headers override, status, code)
      "request_too_large"),
     ("wrong api key", chat_body(), {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
     ("no api key", chat_body(), {"Authorization": ""}, 401, "invalid_api_key"),
+    ("text/plain body", chat_body(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    ("form body", chat_body(), {"Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_media_type"),
+    ("no content type", chat_body(), {"Content-Type": ""}, 415, "unsupported_media_type"),
+    ("five stop strings", chat_body(stop=["a", "b", "c", "d", "e"]), None, 400, "invalid_value"),
+    ("a stop string too long", chat_body(stop="x" * 129), None, 400, "invalid_value"),
+    ("temperature below fp32", chat_body(temperature=1e-45, max_tokens=3), None, 200, None),
+    ("top_p below fp32", chat_body(top_p=1e-46, max_tokens=3), None, 200, None),
 ]
 
 
@@ -135,13 +142,30 @@ def test_bad_input_gets_openai_error(server, name, body, headers, status, code):
     h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
     r = httpx.post(server[0] + "/v1/chat/completions", content=content, headers=h, timeout=30)
     assert r.status_code == status, r.text
+    if status == 200:  # values at the edge of what the schema admits: answered
+        assert r.json()["choices"][0]["message"]["content"] is not None
+        return
     err = r.json()["error"]
     assert err["code"] == code and err["type"] == "invalid_request_error" and err["message"]
+
+
+def counted(url) -> dict:
+    """{(path, status): responses} from /metrics."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(("keel_http_responses_total{", "keel_http_stream_errors_total{")):
+            labels, _, n = line.partition("{")[2].partition("} ")
+            d = dict(kv.split("=") for kv in labels.split(","))
+            key = (d["path"].strip('"'), int(d["status"].strip('"')))
+            out[key] = out.get(key, 0) + int(n)
+    return out
 
 
 def test_bad_completion_prompts_and_routes(server):
     h = {"Authorization": f"Bearer {KEY}"}
     url = server[0]
+    before = counted(url)
     for body in ({"model": "scripted", "prompt": [10**6]}, {"model": "scripted", "prompt": ""},
                  {"model": "scripted", "prompt": []}, {"model": "scripted", "prompt": "x", "echo": True, "stream": True}):
         r = httpx.post(url + "/v1/completions", json=body, headers=h)
@@ -151,7 +175,34 @@ def test_bad_completion_prompts_and_routes(server):
     assert httpx.get(url + "/v1/models").status_code == 401
     # still serving after all of that, and no 5xx anywhere
     assert httpx.post(url + "/v1/chat/completions", json=chat_body(), headers=h).status_code == 200
-    assert '",status="5' not in httpx.get(url + "/metrics").text
+    after = counted(url)
+    new = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    # every response above is counted under its status (so a 5xx would show), and none was a 5xx
+    assert new == {("/v1/completions", 400): 4, ("other", 404): 1, ("/v1/chat/completions", 405): 1,
+                   ("/v1/models", 401): 1, ("/v1/chat/completions", 200): 1, ("/metrics", 200): 1}, new
+    assert not [k for k in after if k[1] >= 500]
+
+
+def test_metrics_count_5xx():
+    """The no-5xx checks above read /metrics, which could not count a 500 (Starlette answers an
+    escaped exception outside the middleware that counts): a request that crashes must show."""
+    tok = build_tokenizer()
+
+    class Broken(ScriptedBackend):
+        def forward(self, *a):
+            raise RuntimeError("the device is gone")
+
+        @property
+        def name(self):  # /health reports it: a crash in the route itself
+            raise RuntimeError("no name")
+
+    cfg = ServeConfig(api_key=KEY)
+    served = make_served(Broken(tok), tok, cfg, "scripted")
+    with background_server(create_app(served, cfg)) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=chat_body(), headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert httpx.get(url + "/health").status_code == 500
+        assert counted(url)[("/v1/chat/completions", 500)] == 1 and counted(url)[("/health", 500)] == 1
 
 
 def test_client_disconnect_mid_stream_frees_the_slot():
@@ -195,7 +246,7 @@ def test_concurrent_load_is_batched_without_errors(server, client):
     steps = served.engine.stats.decode_steps - steps0
     rows = served.engine.stats.decode_rows - rows0
     assert served.engine.stats.max_batch_seen == 4 and rows / steps > 1.5  # requests shared decode steps
-    metrics = httpx.get(url + "/metrics").text
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "keel_requests_running 0" in metrics and "keel_generation_tokens_total" in metrics
 
 

@@ -215,3 +215,90 @@ def test_fault_spec_errors():
         parse("boom@step=1")
     with pytest.raises(KeelError, match="kill@step=N"):
         parse("kill@7")
+
+
+# ----------------------------------------------------------------------------- every fault kind from the command line
+
+
+def sft_recipe(tmp_path, steps, **resilience):
+    settings = ", ".join(f"{k}: {v}" for k, v in {"checkpoint_every": 2, "keep": 5, **resilience}.items())
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(SFT_RECIPE.replace("steps: 10", f"steps: {steps}")
+                      .replace("resilience: {checkpoint_every: 2}", f"resilience: {{{settings}}}"))
+    return recipe
+
+
+def events_of(run, kind):
+    return [e for e in read_jsonl(run / "events.jsonl") if e["event"] == kind]
+
+
+def test_corrupt_faults_fire_from_the_command_line_and_resume_falls_back(base, tmp_path):
+    recipe = sft_recipe(tmp_path, 6)
+    clean = keel("sft", "--model", base / "model", "--out", tmp_path / "clean", "--recipe", recipe)
+    assert clean.returncode == 0, clean.stderr
+    # step 4's checkpoint is corrupted as it is written, then the run dies: it resumes from step 2
+    run = tmp_path / "at_step"
+    r = keel("sft", "--model", base / "model", "--out", run, "--recipe", recipe,
+             "--inject", "corrupt@step=4,kill@step=5", "--max-restarts", "1")
+    assert r.returncode == 0, r.stderr
+    assert [e["fault"] for e in events_of(run, "fault_injected")] == ["corrupt@step=4", "kill@step=5"]
+    (bad,) = events_of(run, "corrupt_checkpoint")
+    assert bad["path"].endswith("00000004") and "checksum" in bad["problem"]
+    assert [e["step"] for e in events_of(run, "resume")] == [2]
+    assert_same_run(tmp_path / "clean", run)
+    # corrupt@latest hits the first checkpoint: with nothing older, the restart starts afresh
+    run = tmp_path / "latest"
+    r = keel("sft", "--model", base / "model", "--out", run, "--recipe", recipe,
+             "--inject", "corrupt@latest,kill@step=3", "--max-restarts", "1")
+    assert r.returncode == 0, r.stderr
+    assert [e["fault"] for e in events_of(run, "fault_injected")] == ["corrupt@latest", "kill@step=3"]
+    (bad,) = events_of(run, "corrupt_checkpoint")
+    assert bad["path"].endswith("00000002") and "checksum" in bad["problem"]
+    assert not events_of(run, "resume") and len(events_of(run, "restart")) == 1
+    assert_same_run(tmp_path / "clean", run)
+
+
+def test_gradient_faults_fire_from_the_command_line(base, tmp_path):
+    # z 100: only the injected spike (grad norm x 1e4) trips it, not a small model's ordinary jumps
+    recipe = sft_recipe(tmp_path, 7, spike_zscore=100, spike_window=4)
+    run = tmp_path / "run"
+    r = keel("sft", "--model", base / "model", "--out", run, "--recipe", recipe,
+             "--inject", "nan_grad@step=2,spike@step=6")
+    assert r.returncode == 0, r.stderr
+    assert [e["fault"] for e in events_of(run, "fault_injected")] == ["nan_grad@step=2", "spike@step=6"]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert [row.get("skipped") for row in rows] == [None, "nonfinite", None, None, None, "spike", None]
+    assert [e["step"] for e in events_of(run, "spike")] == [6] and [e["step"] for e in events_of(run, "rollback")] == [4]
+    weights = load_file(run / "model" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_a_tampered_checkpoint_is_skipped_on_resume_through_the_training_loop(base, tmp_path):
+    """A manifest that lists no files over corrupted weights, and a valid checkpoint under a short
+    folder name ("5"): the resume uses step 2's checkpoint, as events.jsonl says."""
+    from keel.train.loop import train_loop
+    from keel.train.sft import SFTTrainer
+
+    cfg = SFTConfig(task_options=TASK, examples=300, steps=4, batch_tokens=512,
+                    resilience=ResilienceConfig(checkpoint_every=2, keep=5))
+    m, tok = load_model(base / "model")
+    sft(m, tok, cfg, tmp_path)
+    folder = tmp_path / "checkpoints"
+    import shutil
+
+    shutil.copytree(folder / "00000004", folder / "5")
+    manifest = json.loads((folder / "5" / "manifest.json").read_text())
+    (folder / "5" / "manifest.json").write_text(json.dumps({**manifest, "step": 5}))
+    with open(folder / "00000004" / "tensors.safetensors", "r+b") as f:
+        f.seek(4000)
+        f.write(b"\xde\xad\xbe\xef" * 4)
+    (folder / "00000004" / "manifest.json").write_text(json.dumps({"step": 4, "files": {}}))
+    m2, tok = load_model(base / "model")
+    trainer = SFTTrainer(m2, tok, dataclasses.replace(cfg, resilience=ResilienceConfig(checkpoint_every=2, resume=True)))
+    rows = train_loop(trainer, tmp_path, trainer.cfg.resilience, 4, "sft")
+    assert [r["step"] for r in rows] == [3, 4]
+    assert [e["path"][-8:] for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "corrupt_checkpoint"] == ["00000004"]
+    assert [e["step"] for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "resume"] == [2]
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)  # the resumed run ends where the uninterrupted one did

@@ -91,9 +91,13 @@ def test_verified_keeps_correct_traces_and_labels_with_the_reference():
     assert label.traces == [trace(4, "b"), trace(4, "a")]  # best first, duplicates dropped
 
 
-def test_verified_with_no_correct_trace_keeps_the_reference_without_a_trace():
+def test_a_reference_no_sample_reached_is_unverified_and_flagged():
+    # issue 18: such rows were written as "verified" with accepted 0, trace null and no flag
     label = decide(Question("2+2", "4"), [trace(5), trace(3)], [0.0, 0.0], make_verifier(), 0.5)
-    assert (label.answer, label.traces, label.confidence, label.flag) == ("4", [], 0.0, None)
+    assert (label.method, label.answer, label.traces, label.confidence) == ("unverified", "4", [], 0.0)
+    assert label.flag == "no sample verified"
+    row = make_rows(Question("2+2", "4"), label, "h", {}, all_traces=False, created="t")[0]
+    assert (row["method"], row["flagged"], row["accepted"], row["trace"]) == ("unverified", True, 0, None)
 
 
 def test_majority_label_is_spelled_as_its_best_trace():

@@ -39,8 +39,25 @@ SEQ0 = [-1.1, -1.2, -0.5]  # -min(1.1, 1.1), -min(1.5, 1.2), -min(0.5, 0.8)
 SEQ1 = [0.8, 1.5]  # -min(-0.5, -0.8), -min(-1.5, -1.2)
 
 
-def test_published_default_clip_ranges():
-    assert {name: (s.eps_low, s.eps_high) for name, s in LOSSES.items()} == {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+# The papers' clip ranges: DeepSeekMath (GRPO), Dr. GRPO, DAPO (clip-higher), GSPO.
+PUBLISHED_CLIP = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+@pytest.mark.parametrize("kind", PUBLISHED_CLIP)
+def test_published_default_clip_ranges_are_the_ones_the_loss_applies(kind):
+    """Not the config restated: ratios 1% inside and 1% outside each published bound, with the
+    advantage pushing against it, go through the loss as `get_loss` gives it; exactly the two
+    outside are clipped. (One-token sequences: GSPO's sequence ratio is the token's.)"""
+    low, high = PUBLISHED_CLIP[kind]
+    ratios = torch.tensor([[1 + 0.99 * high], [1 + 1.01 * high], [1 - 0.99 * low], [1 - 1.01 * low]], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, stats = policy_loss(ratios.log(), torch.zeros(4, 1, dtype=torch.float64), adv, torch.ones(4, 1),
+                              spec=get_loss(kind), norm_len=1)
+    assert stats["clip_frac"] == pytest.approx(2 / 4)
+    # per sequence -min(r A, clip(r) A): -r, -(1 + high), r, 1 - low; every normaliser is 1 token here
+    per_seq = [-(1 + 0.99 * high), -(1 + high), 1 - 0.99 * low, 1 - low]
+    assert loss.item() == pytest.approx(sum(per_seq) / 4, rel=1e-12)
+    assert set(LOSSES) == set(PUBLISHED_CLIP)
 
 
 def test_grpo_hand_value_and_stats():
@@ -73,7 +90,7 @@ def test_normalisers_differ_and_match_hand_values():
 
 def test_dapo_clip_higher_default():
     logp, old, adv, mask = make_batch()
-    loss, stats = policy_loss(logp, old, adv, mask, spec=spec("dapo", 0.2, 0.28))
+    loss, stats = policy_loss(logp, old, adv, mask, spec=get_loss("dapo"))  # as published, not restated
     # only the clipped-above token changes: -min(1.5, 1.28); ratio 1.5 with A < 0 stays unclipped
     expected = (-1.1 - 1.28 - 0.5 + 0.8 + 1.5) / 5
     assert loss.item() == pytest.approx(expected, rel=1e-9)
@@ -282,3 +299,33 @@ def test_entropy():
     assert ent.flatten().tolist() == pytest.approx([math.log(7)] * 6, rel=1e-6)
     two = torch.tensor([[[0.0, math.log(3)]]])  # p = (1/4, 3/4)
     assert entropy_BT(two).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel=1e-6)
+
+
+# ---- off-policy correction weights (keel/rl/correction.py) ------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_correction_weights_of_exactly_one_change_nothing(kind):
+    results = []
+    for weight in (None, torch.ones(2, 3, dtype=torch.float64)):
+        logp, old, adv, mask = make_batch()
+        eps_low, eps_high = LOSSES[kind].eps_low, LOSSES[kind].eps_high
+        loss, stats = policy_loss(logp, old, adv, mask, spec=spec(kind, eps_low, eps_high), norm_len=4,
+                                  ref_logp_BT=old, beta=0.1, is_weight_BT=weight)
+        loss.backward()
+        results.append((loss.item(), stats, logp.grad.tolist()))
+    assert results[1] == results[0]  # bit for bit, gradient included
+
+
+def test_correction_weights_scale_each_token_and_keep_the_normaliser():
+    logp, old, adv, mask = make_batch()
+    weight = torch.tensor([[0.5, 2.0, 1.0], [0.0, 1.0, 7.0]], dtype=torch.float64)  # 7.0 sits on padding
+    loss, _ = policy_loss(logp, old, adv, mask, spec=spec("grpo", 0.2, 0.2), is_weight_BT=weight)
+    # seq 0: (-1.1 * 0.5 - 1.2 * 2 - 0.5 * 1) / 3 = -3.45 / 3 = -1.15; seq 1: (0.8 * 0 + 1.5 * 1) / 2 = 0.75
+    # (the dropped token still counts in its sequence's length); mean over 2 sequences: -0.2
+    assert loss.item() == pytest.approx((-1.15 + 0.75) / 2, rel=1e-9)
+    loss.backward()
+    # d/dlogp of -w r A is -w A r; divided by len_i and B = 2. Token (0,1) is clipped (no gradient);
+    # token (1,0) is clipped too; token (1,1) has weight 1: -(-1) * 1.5 / 4.
+    assert logp.grad.tolist()[0] == pytest.approx([-0.5 * 1.1 / 6, 0.0, -1 * 0.5 / 6], abs=1e-12)
+    assert logp.grad.tolist()[1] == pytest.approx([0.0, 1.5 / 4, 0.0], abs=1e-12)

@@ -367,6 +367,28 @@ def test_compile_runs_decode_steps_through_the_compiled_forward(monkeypatch):
     assert a.tokens == b.tokens and a.logprobs == b.logprobs
 
 
+def test_compiled_decoding_matches_eager_decoding(monkeypatch):
+    """Real torch.compile (inductor, no stub) against eager decoding on a 2-layer model: the
+    compiled decode steps must give the eager rollout's tokens and log-probs. Compiling takes
+    tens of seconds on 2 cores; a failed compile would fall back eagerly with a warning, which is
+    an error here, so a broken compile cannot pass as a match."""
+    import warnings
+
+    model = tiny_model("llama", seed=3)
+    monkeypatch.setattr(keel.engine.sampler, "_COMPILED", {})  # compile here, not reuse another test's
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))  # compiled steps bypass module hooks
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile failed")
+        compiled = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, compile=True)
+    assert keel.engine.sampler._COMPILED[type(model)] is not None and len(calls) == 1  # only the prefill ran eagerly
+    eager = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD)
+    assert compiled.tokens == eager.tokens and all(len(t) == 8 for t in eager.tokens)
+    for x, y in zip(compiled.logprobs, eager.logprobs):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-5)
+
+
 def test_compile_failure_warns_and_redoes_the_rollout_eagerly(monkeypatch):
     model = tiny_model("qwen3")
     attempts = []

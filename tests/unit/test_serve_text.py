@@ -57,3 +57,53 @@ def test_render_chat_uses_keel_template():
     msgs = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"},
             {"role": "user", "content": "2+2"}]
     assert render_chat(tok, msgs) == "1+1\n2<|eos|>2+2\n"
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting the token ids it is asked to decode: the work a stream does."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **kw):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kw)
+
+
+@pytest.mark.parametrize("stop", [[], ["never", "x" * 128, "END!", "<answer>?"]])
+def test_streaming_work_per_token_is_bounded(stop):
+    """Each token used to re-decode the whole output (n^2 / 2 ids decoded for n tokens) and
+    rescan it for every stop string; now a window of a few tokens is decoded per token."""
+    tok = build_tokenizer()
+    ids = tok.encode("<think>" + "12+34=46, " * 200 + "</think><answer>46</answer>", add_special_tokens=False)
+    counting = CountingTokenizer(tok)
+    stream = TextStream(counting, stop=stop)
+    pieces = [stream.push(ids[:n]) for n in range(1, len(ids) + 1)] + [stream.push(ids, final=True)]
+    assert len(ids) > 2000 and counting.decoded <= 4 * len(ids)
+    reasoning, content = "".join(p[0] for p in pieces), "".join(p[1] for p in pieces)
+    assert (reasoning, content) == ("12+34=46, " * 200, "<answer>46</answer>")  # the same text as one decode
+
+
+def test_stop_string_split_across_tokens_is_found_once_complete():
+    tok = build_tokenizer()
+    ids = tok.encode("abc END! more", add_special_tokens=False)
+    stream = TextStream(tok, stop=["END!"], reasoning=False)
+    sent = ""
+    for n in range(1, len(ids) + 1):
+        _, d_c, stopped = stream.push(ids[:n])
+        sent += d_c
+        if stopped:
+            break
+    assert stopped and sent == "abc " and n == len("abc END!")
+
+
+def test_stop_strings_are_bounded_in_count_and_length():
+    from pydantic import ValidationError
+
+    from keel.serve.schemas import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    ChatCompletionRequest.model_validate({**body, "stop": ["a" * 128] * 4})
+    for stop in ("a" * 129, ["a"] * 5, ["a", "b" * 129]):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**body, "stop": stop})

@@ -259,7 +259,8 @@ def test_file_task_jsonl_gsm8k(tmp_path):
     assert not {e.question for e in train} & {e.question for e in test}
     ex = train[0]
     i = int(re.match(r"Q(\d+)", ex.question).group(1))
-    assert ex.answer == f"{2 * i:,}" and ex.trace is None
+    assert ex.answer == f"{2 * i:,}"
+    assert ex.trace == f"<think>{i}+{i} = {2 * i}</think><answer>{2 * i:,}</answer>"  # the working is the trace
     assert task.reward(f"<think>.</think><answer>{2 * i}</answer>", ex) == {"format": 1.0, "correct": 1.0}
     assert task.reward(f"so it is {2 * i + 1}", ex) == {"format": 0.0, "correct": 0.0}
     assert task.examples("train", 300) == train

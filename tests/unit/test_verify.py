@@ -425,3 +425,28 @@ def test_worker_refusals_and_garbage_are_total(worker):
     assert worker.latex_equal("\x00", "1") is None
     assert worker.latex_equal("\\frac{", "\\frac{") in (True, False)
     assert worker.latex_equal("\ud800", "1") in (True, False)  # a lone surrogate survives the pipe
+
+
+def test_a_timed_out_check_is_wrong_counted_and_logged(worker, caplog):
+    before = worker.stats()["timeouts"]
+    with caplog.at_level("WARNING", logger="keel.verify"):
+        assert worker.latex_equal("\\frac{7}{11}", "\\frac{14}{22}", deadline_s=1e-6) is False
+    assert worker.stats()["timeouts"] == before + 1
+    (record,) = [r for r in caplog.records if r.name == "keel.verify"]
+    assert "no verdict" in record.getMessage() and "frac{7}{11}" in record.getMessage()
+
+
+def test_the_97_character_nested_sqrt_is_bounded_on_every_path(worker):
+    """The issue's answer that took 1.9 s: sixteen nested square roots of 2. keel's own sympy check
+    (whitelisted input, evaluated at points) and math-verify (in the worker, under its deadline)
+    each stay under the deadline plus the worker's restart."""
+    nested = "2"
+    for _ in range(16):
+        nested = f"sqrt({nested})"
+    assert len(nested) == 97
+    answers_match("sqrt(2)", "2")  # sympy's one-off import is not the answer's cost
+    worker.clear_cache()
+    assert timed(answers_match, nested, "2", limit=0.5) is False  # keel's exact layer decides
+    latex = "\\sqrt{" * 12 + "2" + "}" * 12
+    for pred in (nested, latex, nested.replace("sqrt", "\\sqrt")):
+        assert timed(worker.latex_equal, pred, "1", limit=latex_answers.CHECK_DEADLINE_S + 1.0) is False

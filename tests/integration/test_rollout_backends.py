@@ -1,0 +1,182 @@
+"""RL rollouts sampled on another backend (RLConfig.rollout): the weights reach the sampler every
+step, the trainer corrects for the mismatch, a torch fp32 sampler changes nothing, runs learn and
+resume exactly."""
+
+import copy
+import dataclasses
+import shutil
+import sys
+
+import pytest
+import torch
+
+from keel.cli import main
+from keel.completions import complete
+from keel.config import ResilienceConfig, RLConfig, RolloutConfig, SFTConfig
+from keel.engine.backends import OrtBackend, rollout_section
+from keel.engine.sampler import SamplingParams
+from keel.models import init_model, save_model
+from keel.resilience import checkpoint
+from keel.rl.trainer import RLTrainer, rl
+from keel.runlog import read_jsonl
+from keel.tasks import get_task
+from keel.train.loop import TIMING_KEYS, train_loop
+from keel.train.sft import sft
+
+TASK = {"digits": 2}
+# A run that learns in seconds: the held-out reward (correct + format of samples) rises.
+LEARN = dict(steps=40, prompts_per_step=4, updates_per_batch=1, beta=0.0, format_weight=1.0)
+NEW_KEYS = {"weight_sync_s", "mismatch_kl", "mismatch_k3", "correction_share", "ess"}
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """A 2-layer Qwen3 SFT'd on bare 2-digit answers just enough that sampled rewards vary (the
+    greedy answers are well formed, samples at temperature 1 are only sometimes)."""
+    torch.set_num_threads(1)
+    model, tokenizer = init_model("qwen3", layers=2, hidden=64, seed=0)
+    sft(model, tokenizer, SFTConfig(task_options=TASK, examples=400, steps=40, batch_tokens=1024,
+                                    drop_thinking=1.0), tmp_path_factory.mktemp("sft"))
+    return model, tokenizer
+
+
+def cfg(**changes) -> RLConfig:
+    base = RLConfig(task_options=TASK, steps=3, prompts_per_step=2, group_size=4, max_new_tokens=16,
+                    updates_per_batch=2, beta=0.01, lr=1e-3, seed=3)
+    return dataclasses.replace(base, **changes)
+
+
+def comparable(rows, drop=frozenset()):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS | drop} for r in rows]
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def logits_gap(trainer) -> float:
+    """Max |logit difference| between the trainer's model and its sampler on one prompt."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    mask, pos = torch.ones_like(ids), torch.arange(7)[None]
+    with torch.no_grad():
+        want = trainer.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    got, _ = trainer.sampler.forward(ids, mask, pos, trainer.sampler.empty_past(1))
+    return float((want - got).abs().max())
+
+
+def test_torch_fp32_sampler_is_bit_identical_to_the_default_path(sft_model, tmp_path):
+    model, tok = sft_model
+    default, backend = copy.deepcopy(model), copy.deepcopy(model)
+    rl(default, tok, cfg(), tmp_path / "default")
+    rl(backend, tok, cfg(rollout=RolloutConfig(backend="torch", device="cpu", dtype="fp32")), tmp_path / "backend")
+    a, b = read_jsonl(tmp_path / "default" / "metrics.jsonl"), read_jsonl(tmp_path / "backend" / "metrics.jsonl")
+    assert all(NEW_KEYS <= set(row) for row in b) and not any(NEW_KEYS & set(row) for row in a)
+    assert comparable(a) == comparable(b, NEW_KEYS)
+    assert same_weights(default, backend) and not same_weights(default, model)  # it trained, identically
+    # The copy runs the trainer's own sampling code on the same weights: auto picks no correction
+    # (every weight exactly 1) and the sampler's log-probs match the trainer's to float rounding.
+    assert all(row["ess"] == 1.0 and row["correction_share"] == 0.0 and abs(row["mismatch_kl"]) < 1e-6 for row in b)
+    assert RLTrainer(copy.deepcopy(model), tok, cfg(rollout=RolloutConfig())).correction == "none"
+
+
+def test_weights_reach_the_sampler_every_step(sft_model):
+    model, tok = sft_model
+    for rollout, tolerance in [(RolloutConfig(dtype="fp32"), 0.0), (RolloutConfig(dtype="bf16"), 0.1)]:
+        trainer = RLTrainer(copy.deepcopy(model), tok, cfg(rollout=rollout))
+        assert trainer.correction == ("none" if rollout.dtype == "fp32" else "tis")
+        for _ in range(2):
+            row = trainer.step()
+            assert row["weight_sync_s"] >= 0 and row["grad_norm"] > 0
+        stale = logits_gap(trainer)  # the update since the last sync moved the trainer away
+        trainer.sync_sampler()
+        assert logits_gap(trainer) <= tolerance < stale, (rollout, stale)
+        if rollout.dtype == "fp32":
+            assert same_weights(trainer.model, trainer.sampler.model)
+
+
+def test_rl_with_the_onnxruntime_sampler_learns_and_follows_training_without_re_export(sft_model):
+    model, tok = sft_model
+    trainer = RLTrainer(copy.deepcopy(model), tok, cfg(**LEARN, rollout=RolloutConfig(backend="onnxruntime")))
+    assert isinstance(trainer.sampler, OrtBackend) and trainer.correction == "tis"
+    session = trainer.sampler.session
+    rows = [trainer.step() for _ in range(trainer.cfg.steps)]
+    assert trainer.sampler.session is session  # one graph, one session: only the weight inputs change
+    stale = logits_gap(trainer)
+    trainer.sync_sampler()
+    assert logits_gap(trainer) < 1e-4 < stale
+    before, after = held_out_reward(model, tok), held_out_reward(trainer.model, tok)
+    assert after >= before + 0.15, (before, after)
+    for row in rows:  # an fp32 graph against fp32 torch: the mismatch is float rounding
+        assert abs(row["mismatch_kl"]) < 1e-5 and 0 <= row["mismatch_k3"] < 1e-6 and row["ess"] > 0.99999
+        assert row["correction_share"] == 0.0 and row["weight_sync_s"] >= 0
+
+
+def held_out_reward(model, tok, n=48, k=4) -> float:
+    """Mean reward (correct + format) of k samples at temperature 1 on n test problems."""
+    task = get_task("arithmetic", **TASK)
+    examples = task.examples("test", n, seed=0)
+    out = complete(model, tok, [ex.question for ex in examples], SamplingParams(1.0, 1.0, 16), k=k,
+                   generator=torch.Generator().manual_seed(0), reward=lambda text, i: task.reward(text, examples[i // k]))
+    return sum(s["correct"] + s["format"] for s in out.scores) / len(out.scores)
+
+
+def test_rl_with_a_bf16_sampler_learns(sft_model, tmp_path):
+    model, tok = sft_model
+    trained = copy.deepcopy(model)
+    rows = rl(trained, tok, cfg(**LEARN, rollout=RolloutConfig(dtype="bf16")), tmp_path)
+    before, after = held_out_reward(model, tok), held_out_reward(trained, tok)
+    assert after >= before + 0.15, (before, after)
+    assert all(row["ess"] > 0.9 and row["mismatch_k3"] < 1e-2 for row in rows)
+
+
+def test_resume_with_a_rollout_backend_is_exact(sft_model, tmp_path):
+    """Killed after step 3 with a checkpoint at step 2, then resumed in a new process (a new
+    trainer and a new sampler built from the initial model): the run equals an uninterrupted one."""
+    model, tok = sft_model
+    res = ResilienceConfig(checkpoint_every=2)
+    run = lambda **kw: cfg(steps=5, rollout=RolloutConfig(dtype="bf16"), resilience=dataclasses.replace(res, **kw))
+    clean = copy.deepcopy(model)
+    rl(clean, tok, run(), tmp_path / "clean")
+    first = RLTrainer(copy.deepcopy(model), tok, run())
+    train_loop(first, tmp_path / "killed", first.cfg.resilience, 3, "rl")
+    shutil.rmtree(checkpoint.listing(tmp_path / "killed" / "checkpoints")[0])  # step 3's: killed before it landed
+    resumed = RLTrainer(copy.deepcopy(model), tok, run(resume=True))
+    rows = train_loop(resumed, tmp_path / "killed", resumed.cfg.resilience, 5, "rl")
+    assert rows[0]["step"] == 3
+    drop = {"weight_sync_s"}
+    assert comparable(read_jsonl(tmp_path / "killed" / "metrics.jsonl"), drop) == comparable(
+        read_jsonl(tmp_path / "clean" / "metrics.jsonl"), drop)
+    assert same_weights(resumed.model, clean)
+
+
+def test_rollout_flag_takes_parity_backend_specs(sft_model, tmp_path, monkeypatch, capsys):
+    assert rollout_section("onnxruntime:cpu:fp32") == {"backend": "onnxruntime", "provider": "cpu", "dtype": "fp32"}
+    assert rollout_section("torch:cuda:bf16") == {"backend": "torch", "device": "cuda", "dtype": "bf16"}
+    model, tok = sft_model
+    save_model(model, tok, tmp_path / "model")
+    for args, message in [(["--rollout", "vllm:cpu"], "backend spec 'vllm:cpu'"),
+                          (["--rollout", "onnxruntime:cpu:bf16"], "fp32 graphs"),
+                          (["--correction", "is"], "unknown correction 'is'")]:
+        monkeypatch.setattr(sys, "argv", ["keel", "rl", "--model", str(tmp_path / "model"), "--out",
+                                          str(tmp_path / "out"), *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_the_correction_weighs_the_trainers_loss(sft_model):
+    """The same rollouts (same sampler, same seed) trained on with no correction, and with IcePop
+    bounds [1, 1], which drop every token whose bf16 log-prob is not exactly the fp32 one."""
+    model, tok = sft_model
+    rows = {}
+    for name, extra in [("none", {}), ("icepop", {"icepop_low": 1.0, "icepop_high": 1.0})]:
+        trainer = RLTrainer(copy.deepcopy(model), tok, cfg(rollout=RolloutConfig(dtype="bf16"), correction=name,
+                                                           updates_per_batch=1, beta=0.0, **extra))
+        rows[name] = trainer.step()
+    none, icepop = rows["none"], rows["icepop"]
+    assert none["reward"] == icepop["reward"] and none["mismatch_kl"] == icepop["mismatch_kl"]  # same rollouts
+    assert none["correction_share"] == 0.0 and none["ess"] == 1.0
+    assert icepop["correction_share"] > 0.5 and icepop["ess"] < 0.5
+    assert 0 <= icepop["grad_norm"] < 0.5 * none["grad_norm"]
