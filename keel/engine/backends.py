@@ -64,6 +64,22 @@ def check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Attention layers that a cache keeping every column serves exactly. The attention mask applies a
+# sliding window, counting cache columns back from the query's column; a row's tokens fill
+# contiguous columns (padding only on the left), so its last `window` columns are its last
+# `window` tokens. Chunked attention is not here: its chunks start at absolute columns, which the
+# engine's left padding shifts.
+FULL_CACHE_LAYERS = frozenset({"full_attention", "sliding_attention"})
+
+
+def attention_layer_types(config) -> list[str]:
+    """The cache layer type of each decoder layer ("full_attention", "sliding_attention", ...), as
+    transformers' own `DynamicCache(config=...)` reads them."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]
+
+
 def kv_shape(config) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of an HF decoder config."""
     heads = config.num_attention_heads
@@ -78,6 +94,11 @@ class KVModel(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        types = set(attention_layer_types(model.config))
+        if not types or not types <= FULL_CACHE_LAYERS:
+            other = sorted(types - FULL_CACHE_LAYERS)
+            raise KeelError(f"{type(model).__name__} has {', '.join(other) or 'no attention'} layers: the keel engine's "
+                            f"KV cache serves only {' and '.join(sorted(FULL_CACHE_LAYERS))} layers", field="model")
         self.model = model
         self.layers = model.config.num_hidden_layers
         self.cache_kw = cache_kwarg(model)
@@ -85,8 +106,10 @@ class KVModel(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]):
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
-                             config=self.model.config)
+        # No config: every layer keeps all its columns, sliding-window layers too (the attention
+        # mask applies the window), so that every layer's cache has the T columns the engine pads,
+        # joins and trims; a config would trim sliding layers to their window.
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self.cache_kw: cache})
         cache = out.cache if self.cache_kw == "cache" else out.past_key_values

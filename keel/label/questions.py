@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.tasks.files import gsm8k_final_answer, read_dataset_rows
+from keel.tasks.files import read_dataset_rows, worked_answer
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def read_questions(path: str | Path, question_key: str = "question", answer_key:
             continue
         seen.add(q)
         a = row.get(answer_key)
-        reference = gsm8k_final_answer(str(a)) if a is not None and str(a).strip() else None
+        reference = worked_answer(str(a))[0] if a is not None and str(a).strip() else None  # GSM8K "####", MATH \boxed{}
         extra = {k: v for k, v in row.items() if k not in (question_key, answer_key)}
         out.append(Question(q, reference, extra))
     return out

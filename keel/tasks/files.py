@@ -21,6 +21,7 @@ from pathlib import Path
 
 from keel.errors import KeelError
 from keel.io import atomic_write
+from keel.tasks.verify import last_boxed
 from keel.tasks.base import (TEST_FRACTION, Example, check_n, check_split, is_test, numeric_reward,
                              split_rng)
 
@@ -123,29 +124,6 @@ def _read_shards(path: Path) -> dict[str, tuple[Rows, list[str]]]:
 def write_dataset(examples, path: str | Path) -> Path:
     """Write examples as JSONL rows (question, answer, trace and task fields) that FileTask reads."""
     return atomic_write(path, "".join(json.dumps(ex.to_row()) + "\n" for ex in examples))
-
-
-def gsm8k_final_answer(text: str) -> str:
-    """The part of a GSM8K-style answer after its last "####" (all of it when there is none)."""
-    return text.rsplit("####", 1)[1].strip() if "####" in text else text.strip()
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces kept whole:
-    "\\boxed{\\frac{1}{2}}" gives "\\frac{1}{2}"; None when there is none or its braces never close."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = text.index("{", start) + 1
-    depth = 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j].strip()
-    return None
 
 
 def worked_answer(text: str) -> tuple[str, str | None]:

@@ -97,7 +97,7 @@ def _boxed_hedge(text: str) -> str | None:
     prev = text.rfind("\\boxed{", 0, last)
     if prev < 0:
         return None
-    a, b = _last_boxed(text[:last]), _last_boxed(text)
+    a, b = last_boxed(text[:last]), last_boxed(text)
     if a is None or b is None or a == b:
         return None
     close = text.rfind("}", prev, last)  # end of the earlier box
@@ -134,14 +134,16 @@ def _prose_final(text: str) -> str | None:
     return phrase if len(phrase) <= 100 else None
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last balanced `\\boxed{...}` (nested braces allowed), or None."""
-    start = text.rfind("\\boxed{")
+def last_boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces kept whole:
+    "\\boxed{\\frac{1}{2}}" gives "\\frac{1}{2}"; None when there is none or its braces never close.
+    Used on model output (bounded: callers pass at most MAX_TAIL_CHARS) and on reference solutions."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
-    i = start + len("\\boxed{")
+    i = text.index("{", start) + 1
     depth = 1
-    for j in range(i, len(text)):  # bounded: callers pass at most MAX_TAIL_CHARS
+    for j in range(i, len(text)):
         c = text[j]
         if c == "{":
             depth += 1
@@ -171,7 +173,7 @@ def extract_answer(text: str) -> str | None:
         if open_ >= 0:
             start = open_ + len("<answer>")
             return tail[start : tail.find("</answer>", start)].strip()
-    boxed = _last_boxed(tail)
+    boxed = last_boxed(tail)
     if boxed is not None:
         return _boxed_hedge(tail) or boxed
     final = _prose_final(tail)
@@ -217,7 +219,7 @@ def _delatex(s: str) -> str:
         return s
     if len(s) > MAX_LATEX_CHARS:
         return s
-    boxed = _last_boxed(s)
+    boxed = last_boxed(s)
     if boxed is not None:
         s = boxed
     for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\cdot", "*"),

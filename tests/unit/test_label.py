@@ -166,6 +166,15 @@ def test_read_questions_keeps_fields_and_makes_answers_optional(tmp_path):
                                                                  ("3+3", "6", {})]
 
 
+def test_read_questions_takes_the_reference_from_a_math_solution(tmp_path):
+    # A MATH-style solution column: the reference is its last box, nested braces whole (the whole
+    # solution, compared with the model's answer, would never match).
+    row = {"problem": "Half of one?", "solution": "One split in two is $\\boxed{\\frac{1}{2}}$."}
+    f = write(tmp_path / "q.jsonl", json.dumps(row) + "\n")
+    (q,) = read_questions(f, question_key="problem", answer_key="solution")
+    assert q.reference == "\\frac{1}{2}"
+
+
 def test_read_questions_from_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
