@@ -42,7 +42,8 @@ TRAIN_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotat
     ("max_restarts", int, typer.Option(0, help="restart the run in place this many times if it dies")),
     ("inject", Optional[str], typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)")),
     ("sync", Optional[str], typer.Option(None, help="under torchrun: ddp (all-reduce gradients every step) | "
-                                               "diloco (rare pseudo-gradient syncs)")),
+                                               "diloco (rare pseudo-gradient syncs) | fsdp (sharded weights "
+                                               "and optimizer, FSDP2; sft only)")),
     ("simulate_link", Optional[str], typer.Option(None, help="GBPS[,LATENCY_MS]: report how long this run's "
                                                        "communication would take on such a link")),
     ("report_to", Optional[list[str]], typer.Option(None, help="experiment tracker that gets the metrics too: "

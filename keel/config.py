@@ -105,8 +105,10 @@ class DistributedConfig:
     ddp: gradients all-reduced every step (every rank holds the same weights).
     diloco: each rank takes `inner_steps` local optimizer steps, then the pseudo-gradients
     (global minus local weights) are averaged and applied by an outer Nesterov SGD (Douillard et
-    al., 2023): about `inner_steps` times fewer bytes on the wire."""
-    sync: str = "ddp"                # ddp | diloco
+    al., 2023): about `inner_steps` times fewer bytes on the wire.
+    fsdp: torch's FSDP2, each rank holding 1/N of the weights, gradients and optimizer state
+    (bf16 compute with fp32 reduction on accelerators); sft only so far, without lora."""
+    sync: str = "ddp"                # ddp | diloco | fsdp
     inner_steps: int = 16            # diloco: local steps between synchronisations (H)
     outer_lr: float = 0.7            # diloco: outer SGD learning rate (published value)
     outer_momentum: float = 0.9      # diloco: outer Nesterov momentum (0: plain SGD)
@@ -115,7 +117,8 @@ class DistributedConfig:
     link_latency_ms: float = 0.0     # and this latency per collective
 
     def __post_init__(self):
-        _require(self.sync in ("ddp", "diloco"), f"distributed: unknown sync {self.sync!r}: use ddp or diloco")
+        _require(self.sync in ("ddp", "diloco", "fsdp"),
+                 f"distributed: unknown sync {self.sync!r}: use ddp, diloco or fsdp", "distributed.sync")
         _require(self.inner_steps >= 1, "distributed: inner_steps must be >= 1")
         _require(self.outer_lr > 0 and 0 <= self.outer_momentum < 1,
                  "distributed: outer_lr must be > 0 and outer_momentum in [0, 1)")
@@ -182,6 +185,8 @@ class SFTConfig:
         _require(self.micro_batch_tokens >= 16, "sft: micro_batch_tokens must be >= 16", "micro_batch_tokens")
         _require(0 <= self.drop_thinking <= 1, "sft: drop_thinking must be in [0, 1]")
         _require(self.lr > 0 and self.warmup >= 0 and self.grad_clip > 0, "sft: lr and grad_clip must be > 0, warmup >= 0")
+        _require(not (self.lora is not None and self.distributed.sync == "fsdp"),
+                 "sft: sync: fsdp does not support lora yet: use sync: ddp with lora", "distributed.sync")
         object.__setattr__(self, "report_to", check_report_to(self.report_to))
 
 
@@ -263,6 +268,8 @@ class RLConfig:
 
     def __post_init__(self):
         get_loss(self.loss)
+        _require(self.distributed.sync != "fsdp", "rl: sync: fsdp supports sft only so far: use sync: ddp or diloco",
+                 "distributed.sync")
         _require(self.group_size >= 2, f"rl: group_size must be >= 2 (got {self.group_size}): "
                  "GRPO's advantage compares samples of the same prompt")
         _require(self.steps >= 1 and self.prompts_per_step >= 1 and self.updates_per_batch >= 1,

@@ -199,14 +199,18 @@ class SFTTrainer:
         n_tokens = int((batch.labels_BT != IGNORE).sum())
         share = self.sync.share(n_tokens)  # the mean over every rank's tokens, not of rank means
         rows = max(1, self.cfg.micro_batch_tokens // batch.input_ids_BT.shape[1])
+        starts = range(0, len(batch.input_ids_BT), rows)
+        passes = self.sync.passes(len(starts))  # fsdp: as many as the rank with the most micro-batches
 
         def backward(loss_scale: float) -> float:
             loss = 0.0
-            for start in range(0, len(batch.input_ids_BT), rows):
+            for i in range(passes):  # beyond this rank's micro-batches (fsdp): its first again, weighing 0
+                start = starts[i] if i < len(starts) else 0
                 micro = batch.rows(start, start + rows, self.device)
                 with autocast(self.device, self.cfg.dtype):
                     micro_loss, n = completion_loss(self.model, micro)
-                weighted = micro_loss * (n / n_tokens)  # a token mean over the micro-batch -> over the batch
+                weight = n / n_tokens if i < len(starts) else 0.0  # a token mean over the micro-batch -> over the batch
+                weighted = micro_loss * weight
                 (weighted * share * loss_scale).backward()
                 loss += weighted.item()
             return loss
@@ -219,7 +223,7 @@ class SFTTrainer:
                 **({} if applied else {"skipped": "nonfinite"})}
 
     def state(self):
-        opt_tensors, opt_meta = optimizer_state(self.optimizer)
+        opt_tensors, opt_meta = optimizer_state(self.optimizer, self.model)
         rng_tensors, rng_meta = rng_state()
         lora = self.peft is not None
         tensors = {"model": model_state(self.model, trainable_only=lora), "optimizer": opt_tensors, "rng": rng_tensors}
@@ -230,7 +234,7 @@ class SFTTrainer:
     def load_state(self, tensors, state) -> None:
         check_frozen(state.get("base_sha256"), self.base_digest)
         load_model_state(self.model, tensors["model"], trainable_only=self.peft is not None)
-        load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
+        load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"], self.model)
         set_rng_state(tensors["rng"], state["rng"])
         self.step_idx = state["step"]
         self.batches.seek(state["data"]["epoch"], state["data"]["cursor"])
@@ -240,5 +244,6 @@ def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> list[dict]:
     """Train `model` in place; metrics and checkpoints go to `out`. Returns the metrics rows."""
     trainer = SFTTrainer(model, tokenizer, cfg)
     rows = train_loop(trainer, out, cfg.resilience, cfg.steps, "sft")
+    trainer.sync.unshard_model()  # fsdp: full weights back in `model`, for OUT/model
     model.eval()
     return rows
