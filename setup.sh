@@ -12,9 +12,9 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-# pip shows what it downloads and installs (its bars on a terminal); each long step is announced
-# with what it does and about how long it takes.
-PIP=".venv/bin/python -m pip --disable-pip-version-check --progress-bar on"
+# pip is not quieted: it shows what it downloads and installs (with bars on a terminal); each long
+# step is announced with what it does and about how long it takes.
+PIP=".venv/bin/python -m pip --disable-pip-version-check"
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   echo "setup: [1/2] installing PyTorch ($TORCH_SPEC): about 200 MB for the CPU build, 1-3 minutes"
   echo "       (a CUDA build is several GB: 5-15 minutes)"
