@@ -271,7 +271,7 @@ def render_prompt(tokenizer, question: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _sliding_window(config) -> int | None:
+def sliding_window(config) -> int | None:
     """The attention window of a model with sliding-window layers, else None (configs with
     `layer_types` say per layer whether it is used)."""
     window = getattr(config, "sliding_window", None)
@@ -303,7 +303,7 @@ def packing_probe(model, longest: int = 64, seed: int = 0) -> bool:
     than `longest`) go through `model` packed and alone, in eval mode: True when their logits
     agree to float rounding."""
     config = model.config
-    window = _sliding_window(config)
+    window = sliding_window(config)
     second = 11 if window is None or window + 2 > longest - 5 else window + 2
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device

@@ -236,6 +236,67 @@ def check_provider(provider: str) -> str:
     return full
 
 
+OPSET = 18
+
+
+def io_names(layers: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names for a model of `layers` decoder layers."""
+    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+def graph_meta(model, dtype: str) -> dict:
+    """keel_onnx.json's description of the graph of `model` in `dtype`."""
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    names_in, names_out = io_names(layers)
+    return {"format": "onnx", "opset": OPSET, "dtype": dtype, "layers": layers, "kv_heads": kv_heads,
+            "head_dim": head_dim, "vocab_size": model.get_input_embeddings().num_embeddings,
+            "max_context": getattr(model.config, "max_position_embeddings", None) or 2048,
+            "inputs": names_in, "outputs": names_out}
+
+
+def root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception `e` was raised from: exporters wrap the real
+    cause (e.g. an op with no ONNX function) in errors that only say which step failed."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def trace_onnx(model, what: str, field: str, optimize: bool = True):
+    """`model` (in its own dtype, on the CPU) traced through `KVModel` into an ONNX program with
+    dynamic batch and lengths: the one export path of `keel export` and the rollout sampler. The
+    exporter's own chatter stays off the terminal; a failure is a KeelError naming its root cause."""
+    layers, kv_heads, head_dim = kv_shape(model.config)
+    names_in, names_out = io_names(layers)
+    batch, seq, total, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "total", "past"))
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+               [{0: batch, 2: past_len} for _ in range(2 * layers)])
+    # Sizes above 1 everywhere: torch.export specialises dims of size 0 and 1.
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, 8, (2, 3), generator=g), torch.ones(2, 7, dtype=torch.long),
+               torch.arange(4, 7).repeat(2, 1),
+               [torch.randn(2, kv_heads, 4, head_dim, generator=g).to(dtype) for _ in range(2 * layers)])
+    log, onnx_logger = io.StringIO(), logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(KVModel(model), example, input_names=names_in, output_names=names_out,
+                                     dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False,
+                                     optimize=optimize)
+    except Exception as e:
+        raise KeelError(f"ONNX export of {what} failed: {root_cause(e)}", field=field) from e
+    finally:
+        onnx_logger.setLevel(level)
+
+
 def export_with_weight_inputs(model) -> tuple[dict, object, dict[str, str]]:
     """(keel_onnx.json-style meta, onnx ModelProto, graph input name -> `model.state_dict()` key):
     `model` traced through `KVModel` in fp32 on the CPU (a copy; `model` is not touched), with
@@ -244,32 +305,7 @@ def export_with_weight_inputs(model) -> tuple[dict, object, dict[str, str]]:
     import onnx
 
     traced = copy.deepcopy(model).to("cpu", torch.float32).eval()
-    layers, kv_heads, head_dim = kv_shape(traced.config)
-    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
-    names_in = ["input_ids", "attention_mask", "position_ids"] + [f"past.{n}" for n in kv]
-    names_out = ["logits"] + [f"present.{n}" for n in kv]
-    batch, seq, total, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "total", "past"))
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-               [{0: batch, 2: past_len} for _ in range(2 * layers)])
-    # Sizes above 1 everywhere: torch.export specialises dims of size 0 and 1.
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randint(0, 8, (2, 3), generator=g), torch.ones(2, 7, dtype=torch.long),
-               torch.arange(4, 7).repeat(2, 1), [torch.randn(2, kv_heads, 4, head_dim, generator=g)
-                                                 for _ in range(2 * layers)])
-    log, onnx_logger = io.StringIO(), logging.getLogger("torch.onnx")
-    level = onnx_logger.level
-    onnx_logger.setLevel(logging.ERROR)
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(KVModel(traced), example, input_names=names_in, output_names=names_out,
-                                        dynamic_shapes=dynamic, dynamo=True, opset_version=18, verbose=False,
-                                        optimize=False)
-    except Exception as e:
-        raise KeelError(f"ONNX export for the rollout sampler failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                        f"exporter log tail: {log.getvalue()[-300:]!r}", field="rollout.backend") from e
-    finally:
-        onnx_logger.setLevel(level)
+    program = trace_onnx(traced, "the model for the rollout sampler", "rollout.backend", optimize=False)
     proto = program.model_proto
     names_of = {}  # one entry per parameter tensor: all its names (tied embeddings have two)
     for name, p in traced.named_parameters(remove_duplicate=False):
@@ -285,10 +321,7 @@ def export_with_weight_inputs(model) -> tuple[dict, object, dict[str, str]]:
     if missing:
         raise KeelError(f"the exported graph has no input for parameters {missing[:3]}: this architecture's "
                         "weights cannot follow training yet", field="rollout.backend")
-    meta = {"format": "onnx", "dtype": "fp32", "layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
-            "vocab_size": traced.get_input_embeddings().num_embeddings,
-            "max_context": getattr(traced.config, "max_position_embeddings", None) or 2048}
-    return meta, proto, weight_names
+    return graph_meta(traced, "fp32"), proto, weight_names
 
 
 def parse_spec(spec: str) -> tuple[str, str, str]:

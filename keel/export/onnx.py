@@ -13,36 +13,22 @@ torch measured right after export on a prefill and a decode step.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
 from keel.errors import KeelError
 from keel.io import check_out_folder, publish_folder, temp_folder
-from keel.engine.backends import ONNX_FILE, ONNX_META, KVModel, OrtBackend, TorchBackend, check_dtype, kv_shape
+from keel.engine.backends import ONNX_FILE, ONNX_META, OrtBackend, TorchBackend, check_dtype, graph_meta, trace_onnx
+from keel.models import load_model, sliding_window
 
-OPSET = 18
 ONNX_KIND = "onnx"  # the marker keel.io puts in export folders
 CHECK_TOKENS = 7  # prompt length of the export check (more for a sliding-window model: past its window)
 # config fields that give a model routed experts (Qwen3-MoE, OLMoE: num_experts; Mixtral, GPT-OSS:
 # num_local_experts; DeepSeek: n_routed_experts)
 _EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
-def sliding_window(config) -> int | None:
-    """The attention window of a model with sliding-window layers, else None. Configs with
-    `layer_types` say per layer (Qwen2 sets sliding_window but uses it only on layers marked so)."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    return window or None
 
 
 def export_refusal(config) -> str | None:
@@ -67,33 +53,6 @@ def check_length(config) -> int:
     return max(CHECK_TOKENS, window + 2) if window else CHECK_TOKENS
 
 
-def root_cause(e: BaseException) -> str:
-    """'Type: first line' of the innermost exception `e` was raised from: exporters wrap the real
-    cause (e.g. an op with no ONNX function) in errors that only say which step failed."""
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def _io_names(layers: int) -> tuple[list[str], list[str]]:
-    kv = [f"{i}.{part}" for i in range(layers) for part in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past.{n}" for n in kv],
-            ["logits"] + [f"present.{n}" for n in kv])
-
-
-def _example(layers, kv_heads, head_dim, dtype, B=2, S=3, P=4):
-    """Inputs of non-trivial sizes: torch.export specialises dims of size 0 and 1."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 8, (B, S), generator=g)
-    mask = torch.ones(B, P + S, dtype=torch.long)
-    pos = torch.arange(P, P + S).repeat(B, 1)
-    past = [torch.randn(B, kv_heads, P, head_dim, generator=g).to(dtype) for _ in range(2 * layers)]
-    return ids, mask, pos, past
-
-
 # What `export_onnx` tells its `on_phase` as it goes (keel.runlog.phases shows them).
 EXPORT_PHASES = ["loading the model", "tracing it and converting to ONNX (most of the time)",
                  "checking the graph against torch"]
@@ -104,8 +63,6 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
     """Write `out` as an ONNX export directory (atomically); returns its keel_onnx.json contents.
     An existing `out` is replaced only when it is an export keel wrote, or with `overwrite`; never
     when it is (or holds) `model_dir`. `on_phase(name)` is called as each of EXPORT_PHASES starts."""
-    from keel.models import load_model
-
     torch_dtype = check_dtype(dtype)
     check_out_folder(out, ONNX_KIND, overwrite, inputs=(model_dir,))  # before minutes of exporting
     on_phase(EXPORT_PHASES[0])
@@ -114,40 +71,17 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
     if refusal:
         raise KeelError(refusal, field="model")
     model = model.to(torch_dtype).eval()
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    names_in, names_out = _io_names(layers)
-    batch, seq, total, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "total", "past"))
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-               [{0: batch, 2: past_len} for _ in range(2 * layers)])
-    example = _example(layers, kv_heads, head_dim, torch_dtype)
 
     out = Path(out)
     tmp = temp_folder(out, ONNX_KIND, overwrite, inputs=(model_dir,))
     try:
-        # The exporter prints progress and warnings meant for its own developers; keep them off
-        # the user's terminal unless the export fails.
-        log = io.StringIO()
-        onnx_logger = logging.getLogger("torch.onnx")
-        level = onnx_logger.level
-        onnx_logger.setLevel(logging.ERROR)
         on_phase(EXPORT_PHASES[1])
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                warnings.simplefilter("ignore")
-                program = torch.onnx.export(KVModel(model), example, input_names=names_in, output_names=names_out,
-                                            dynamic_shapes=dynamic, dynamo=True, opset_version=OPSET, verbose=False)
-                big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
-                program.save(str(tmp / ONNX_FILE), external_data=big)
-        except Exception as e:
-            raise KeelError(f"ONNX export of {model_dir} failed: {root_cause(e)}", field="model") from e
-        finally:
-            onnx_logger.setLevel(level)
+        program = trace_onnx(model, str(model_dir), "model")
+        big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
+        program.save(str(tmp / ONNX_FILE), external_data=big)
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        meta = {"format": "onnx", "opset": OPSET, "dtype": dtype, "layers": layers, "kv_heads": kv_heads,
-                "head_dim": head_dim, "vocab_size": model.get_input_embeddings().num_embeddings,
-                "max_context": getattr(model.config, "max_position_embeddings", None) or 2048,
-                "inputs": names_in, "outputs": names_out, "source": str(Path(model_dir).resolve())}
+        meta = {**graph_meta(model, dtype), "source": str(Path(model_dir).resolve())}
         (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
         if check and dtype != "bf16":
             on_phase(EXPORT_PHASES[2])

@@ -10,7 +10,8 @@ import transformers
 
 from keel.engine.backends import TorchBackend
 from keel.errors import KeelError
-from keel.export.onnx import check_export, export_onnx, root_cause
+from keel.engine.backends import root_cause
+from keel.export.onnx import check_export, export_onnx
 from keel.models import build_tokenizer, vocab_extent
 
 pytestmark = pytest.mark.usefixtures("one_thread")
