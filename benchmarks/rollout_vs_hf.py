@@ -14,9 +14,19 @@ same threads; no attention, no sampling): a floor that no engine running these f
 this machine goes under, so `floor_tok_s / hf_tok_s` is about the largest ratio any could show. `--compile` adds a fourth worker, keel with
 `generate(..., compile=True)`; its compile time is in its warm-up column, not in its tok/s.
 
+`--backends` adds one worker per keel backend spec (default: onnxruntime:cpu:fp32, :int8 and
+:int4): the sampler keel's RL trainer builds for `rollout:` that spec (RLConfig's rollout section,
+keel.engine.backends.rollout_section; for ONNX Runtime the model exported once with its weights
+fed as graph inputs, quantized where the spec says), driven as RL rollouts drive it (the batching
+engine; a torch spec through keel's sampler). Building it (export, quantization) is in its warm-up
+column. A spec this keel cannot build is reported as not available, with the reason. ONNX Runtime
+picks its own thread count (the trainer's rollout config has no threads knob), so compare those
+rows at `--threads 0`. The JSON's `best` names the fastest keel worker and `best_ratio` its ratio.
+
     .venv/bin/python benchmarks/rollout_vs_hf.py
     .venv/bin/python benchmarks/rollout_vs_hf.py --compile
     .venv/bin/python benchmarks/rollout_vs_hf.py --hidden 256 --layers 4 --repeats 9
+    .venv/bin/python benchmarks/rollout_vs_hf.py --backends onnxruntime:cpu:int8,torch:cpu:bf16
 """
 
 from __future__ import annotations
@@ -31,11 +41,27 @@ import time
 from common import peak_rss_mb
 
 SIDES = ("keel", "hf", "floor", "keel_compiled")
+DEFAULT_BACKENDS = "onnxruntime:cpu:fp32,onnxruntime:cpu:int8,onnxruntime:cpu:int4"
+
+
+def rollout_sampler(model, tokenizer, spec: str):
+    """The sampler keel's RL trainer builds for `rollout:` backend `spec`, holding `model`'s
+    weights (a KeelError where this keel cannot sample on it)."""
+    from keel.config import RLConfig, RolloutConfig, from_dict
+    from keel.engine.backends import rollout_section
+    from keel.rl.trainer import RLTrainer
+
+    cfg = RLConfig(device="cpu", dtype="fp32", correction="tis",
+                   rollout=from_dict(RolloutConfig, rollout_section(spec), "rollout"))
+    return RLTrainer(model, tokenizer, cfg).sampler
 
 
 def worker(side: str, args) -> None:
-    """Build the model and prompts, warm up, then time one rollout per 'run' line on stdin."""
+    """Build the model and prompts, warm up, then time one rollout per 'run' line on stdin.
+    A backend `side` that cannot be built says why on its first line and stops."""
     import torch
+
+    from keel.errors import KeelError
 
     from keel.models import init_model, render_prompt
     from keel.engine.sampler import SamplingParams, generate
@@ -48,8 +74,30 @@ def worker(side: str, args) -> None:
     questions = [ex.question for ex in get_task("arithmetic").examples("test", args.batch, seed=0)]
     prompts = [render_prompt(tok, q) for q in questions]
     B, N, pad = len(prompts), args.new_tokens, tok.pad_token_id
+    t0 = time.perf_counter()
 
-    if side in ("keel", "keel_compiled"):
+    if side not in SIDES:  # a backend spec
+        from keel.engine import batching
+        from keel.engine.backends import TorchBackend
+
+        try:
+            backend = rollout_sampler(model, tok, side)
+        except (KeelError, ImportError) as e:
+            print(json.dumps({"error": str(e).splitlines()[0]}), flush=True)
+            return
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=N)
+
+        if isinstance(backend, TorchBackend):  # RL rollouts sample a torch copy through keel's sampler
+            def once(seed: int) -> int:
+                g = torch.Generator(device=backend.device).manual_seed(seed)
+                out = generate(backend.model, prompts, params, eos_id=-1, pad_id=pad, generator=g)
+                return sum(len(t) for t in out.tokens)
+        else:
+            def once(seed: int) -> int:
+                reqs = batching.generate(backend, prompts, params, eos_id=-1, seed=seed, max_batch=B)
+                assert all(r.finish_reason != "error" for r in reqs), [r.error for r in reqs if r.error][:1]
+                return sum(len(r.tokens) for r in reqs)
+    elif side in ("keel", "keel_compiled"):
         params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=N)
 
         def once(seed: int) -> int:
@@ -76,7 +124,6 @@ def worker(side: str, args) -> None:
                         m(xs[m.in_features])
             return B * N
 
-    t0 = time.perf_counter()
     for i in range(args.warmup):
         once(1000 + i)
     print(json.dumps({"warmup_s": time.perf_counter() - t0}), flush=True)
@@ -98,19 +145,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rollouts per side, alternating")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time keel with compile=True (compiling takes minutes)")
-    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--backends", default=DEFAULT_BACKENDS,
+                   help="comma-separated keel backend specs to time as RL rollout samplers ('' for none)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # a side in SIDES or a backend spec
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args)
 
     cmd = [sys.executable, __file__] + sys.argv[1:]
-    sides = SIDES if args.compile else SIDES[:3]
-    workers = {}
+    specs = [b for b in args.backends.split(",") if b]
+    sides = [*(SIDES if args.compile else SIDES[:3]), *specs]
+    workers, unavailable = {}, {}
     for side in sides:  # started and warmed one at a time, so warm-ups do not compete
         print(f"starting and warming up the {side} worker", file=sys.stderr, flush=True)
-        workers[side] = subprocess.Popen(cmd + ["--worker", side], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         text=True)
-        workers[side].warmup_s = json.loads(workers[side].stdout.readline())["warmup_s"]
+        w = subprocess.Popen(cmd + ["--worker", side], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        first = json.loads(w.stdout.readline() or '{"error": "the worker died (its error is above)"}')
+        if "error" in first:
+            unavailable[side] = first["error"]
+            w.stdin.close()
+            w.wait(60)
+            print(f"  {side}: not available: {first['error']}", file=sys.stderr, flush=True)
+            continue
+        workers[side], w.warmup_s = w, first["warmup_s"]
+    sides = list(workers)
     runs = {side: [] for side in sides}
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
@@ -132,18 +189,24 @@ def main() -> None:
         res[side] = {"tok_s": statistics.median(tok_s), "min": min(tok_s), "max": max(tok_s),
                      "peak_rss_mb": max(run["peak_rss_mb"] for run in runs[side]), "warmup_s": workers[side].warmup_s}
     ratio = res["keel"]["tok_s"] / res["hf"]["tok_s"]
+    keel_sides = [s for s in sides if s not in ("hf", "floor")]
+    best = max(keel_sides, key=lambda s: res[s]["tok_s"])
+    best_ratio = res[best]["tok_s"] / res["hf"]["tok_s"]
 
     print(f"{args.arch} {args.layers}x{args.hidden}, batch {args.batch} x {args.new_tokens} new tokens, "
           f"median of {args.repeats} alternating runs")
-    print(f"{'side':<24}{'tok/s':>9}{'min':>9}{'max':>9}{'ms/step':>9}{'warm-up s':>11}{'peak RSS MB':>13}")
+    print(f"{'side':<32}{'tok/s':>9}{'min':>9}{'max':>9}{'ms/step':>9}{'vs HF':>7}{'warm-up s':>11}{'peak RSS MB':>13}")
     names = {"keel": "keel.engine.sampler.generate", "hf": "transformers generate()", "floor": "matmuls only (floor)",
              "keel_compiled": "keel, compile=True"}
     for side in sides:
         r = res[side]
-        print(f"{names[side]:<24}{r['tok_s']:>9.0f}{r['min']:>9.0f}{r['max']:>9.0f}"
-              f"{args.batch / r['tok_s'] * 1000:>9.1f}{r['warmup_s']:>11.1f}{r['peak_rss_mb']:>13.0f}")
-    print(f"keel / transformers = {ratio:.2f}x  (goal 3x; the matmul floor allows at most "
-          f"{res['floor']['tok_s'] / res['hf']['tok_s']:.2f}x)")
+        print(f"{names.get(side, 'keel, ' + side):<32}{r['tok_s']:>9.0f}{r['min']:>9.0f}{r['max']:>9.0f}"
+              f"{args.batch / r['tok_s'] * 1000:>9.1f}{r['tok_s'] / res['hf']['tok_s']:>7.2f}{r['warmup_s']:>11.1f}"
+              f"{r['peak_rss_mb']:>13.0f}")
+    for side, why in unavailable.items():
+        print(f"{'keel, ' + side:<32}  not available: {why}")
+    print(f"keel / transformers = {ratio:.2f}x; fastest keel ({best}) {best_ratio:.2f}x  (goal 3x; the fp32 matmul "
+          f"floor allows at most {res['floor']['tok_s'] / res['hf']['tok_s']:.2f}x)")
     extra = {}
     if args.compile:
         c = res["keel_compiled"]
@@ -168,7 +231,12 @@ def main() -> None:
         "keel_warmup_s": round(res["keel"]["warmup_s"], 2), "hf_warmup_s": round(res["hf"]["warmup_s"], 2),
         "keel_runs_tok_s": [round(r["tok_s"], 1) for r in runs["keel"]],
         "hf_runs_tok_s": [round(r["tok_s"], 1) for r in runs["hf"]],
-        **extra, "goal_ratio": 3.0, "goal_met": ratio >= 3.0,
+        **extra,
+        "backends": {s: {"tok_s": round(res[s]["tok_s"], 1), "ratio": round(res[s]["tok_s"] / res["hf"]["tok_s"], 3),
+                         "peak_rss_mb": round(res[s]["peak_rss_mb"], 1), "warmup_s": round(res[s]["warmup_s"], 2),
+                         "runs_tok_s": [round(r["tok_s"], 1) for r in runs[s]]} for s in specs if s in res},
+        "not_available": unavailable,
+        "best": best, "best_ratio": round(best_ratio, 3), "goal_ratio": 3.0, "goal_met": best_ratio >= 3.0,
     }))
 
 

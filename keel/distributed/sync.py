@@ -1,13 +1,17 @@
 """How the ranks keep their weights in step.
 
     Sync     one process: nothing to synchronise (also the base of the two below)
-    DDP      gradients averaged over ranks after every backward, in one flat all-reduce;
-             every rank then takes the same optimizer step and holds the same weights
+    DDP      torch's DistributedDataParallel: gradients averaged over ranks in buckets during
+             the step's last backward; every rank then takes the same optimizer step and holds
+             the same weights
     DiLoCo   every rank takes `inner_steps` steps of its own optimizer on its own data; then the
              pseudo-gradient (global weights minus local weights) is averaged over ranks and
              applied to the global weights by an outer Nesterov SGD, and every rank continues
              from the new global weights (Douillard et al., "DiLoCo", 2023). It sends one model's
              worth of bytes per `inner_steps` steps instead of one per step.
+    ShardedDiLoCo  DiLoCo between groups of `shard_group` ranks, each group training FSDP2-sharded
+             (fast links inside a group); each rank averages its own shard's pseudo-gradient with
+             the ranks holding that shard in the other groups (1/N of a model per rank per sync).
     FSDP     torch's FSDP2 (`fully_shard` on each decoder layer, then the root): every rank holds
              1/N of the weights, gradients and optimizer state; a layer's weights are all-gathered
              for its forward and backward, its gradients reduce-scattered (averaged over ranks)
@@ -28,28 +32,39 @@ step's communication figures).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from keel.config import DistributedConfig
 from keel.distributed.comm import Comm
-from keel.distributed.world import World, init_world
+from keel.distributed.world import init_world
 from keel.errors import KeelError
 
 # How a metrics row is combined over ranks; every rank sends the same vector, marking what it
 # lacks. Keys not listed (step, lr, stage, ...) are the same on every rank and kept as they are.
 SUM = ("sampled", "groups", "tokens", "tokens_per_s")
 MEAN = ("loss", "reward", "reward_correct", "reward_format", "accuracy", "response_length", "truncated",
-        "clip_frac", "kl", "entropy", "grad_norm", "step_s", "rollout_s",
+        "clip_frac", "kl", "entropy", "grad_norm", "step_s", "rollout_s", "rows_skipped",
         "mismatch_kl", "mismatch_k3", "correction_share", "ess", "weight_sync_s")  # another rollout backend
 REDUCED = SUM + MEAN
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """The part of parameter `p` this rank holds, without autograd: all of it, or its FSDP shard
+    (a view: writing into it writes the shard)."""
+    return p.to_local().detach() if isinstance(p, DTensor) else p.detach()
 
 
 def unflat_(vec: torch.Tensor, into: list[torch.Tensor]) -> None:
@@ -66,6 +81,7 @@ class Sync:
 
     def __init__(self, model: torch.nn.Module, comm: Comm):
         self.comm, self.world = comm, comm.world
+        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         if self.world.size > 1:  # every rank starts from rank 0's weights
             with torch.no_grad():
@@ -74,6 +90,11 @@ class Sync:
 
     def grads(self) -> None:
         """Between backward and the optimizer step."""
+
+    def run(self, fn, last: bool = True):
+        """`fn(model)`: a training forward, whose backward follows before the next `run`. `last`:
+        the step's last pass, after whose backward the ranks' gradients must be averaged."""
+        return fn(self.model)
 
     def any(self, flag: bool) -> bool:
         """Whether any rank whose gradients this rank averages with has `flag` set."""
@@ -129,22 +150,10 @@ class Sync:
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         pass
 
-    def unshard_model(self) -> None:
-        """After training, on every rank: leave a plain model with its full weights (FSDP gathers them)."""
 
-
-class DDP(Sync):
-    def grads(self) -> None:
-        if self.world.size == 1:
-            return
-        # One bucket for the whole model: fewer, larger messages. A parameter without a gradient
-        # this step (an unused head, a skipped rank) contributes zeros, so every rank sends the same shape.
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        vec = self.comm.all_reduce(flat(grads).to(self.comm.device), "grads")
-        vec /= self.world.size
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        unflat_(vec, [p.grad for p in self.params])
+class DataParallel(Sync):
+    """The loss weighting of DDP and FSDP: the ranks' gradients are averaged, so rank r's loss
+    weighs `n_r * ranks / n_total` to give the gradient of the mean over every rank's units."""
 
     def any(self, flag: bool) -> bool:
         return flag if self.world.size == 1 else self.comm.scalar(float(flag), "control") > 0
@@ -156,13 +165,61 @@ class DDP(Sync):
         return n * self.world.size / total if total else 0.0
 
 
+class Closure(torch.nn.Module):
+    """A module whose forward is any function of the model: DDP's forward then covers however
+    a trainer calls the model (its top-level forward, or the decoder and the LM head apart)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn(self.model)
+
+
+def mean_bucket(comm, bucket):  # unannotated: DDP checks the annotations, which this module keeps as strings
+    """DDP's comm hook: a bucket of gradients (dist.GradBucket) summed over the ranks through
+    keel's counted collective, then divided by their number, as keel's all-reduce always did."""
+    return comm.all_reduce_async(bucket.buffer(), "grads").then(lambda fut: fut.value()[0].div_(comm.world.size))
+
+
+class DDP(DataParallel):
+    """torch's DistributedDataParallel: gradients all-reduced in buckets while the backward runs,
+    through keel's byte accounting and link simulation (`mean_bucket`). Only the last pass of a
+    step synchronises (`run(..., last=True)`); the others accumulate locally (`no_sync`), so ranks
+    with different numbers of micro-batches still pair up, one all-reduce per step each. Every
+    trained parameter must take part in each step's loss (DDP's find_unused_parameters stays off):
+    a rank without data runs a zero loss over all of them (the RL trainer's zero_backward).
+    Measured on tests/distributed/worker.py: every rank's weights after SFT, RL, micro-batched GRPO
+    and DAPO steps bit-identical to keel's former one-bucket all-reduce, and the same byte counts."""
+
+    def __init__(self, model: torch.nn.Module, comm: Comm):
+        super().__init__(model, comm)
+        self.ddp = None
+        if self.world.size > 1:  # keel's broadcast has already given every rank rank 0's weights
+            self.ddp = DistributedDataParallel(Closure(model), init_sync=False, forward_sync_buffers=False)
+            self.ddp.register_comm_hook(self.comm, mean_bucket)
+
+    def run(self, fn, last: bool = True):
+        if self.ddp is None:
+            return fn(self.model)
+        with contextlib.nullcontext() if last else self.ddp.no_sync():
+            return self.ddp(fn)
+
+
 class DiLoCo(Sync):
     rank_local = ("rng", "data", "model", "optimizer")  # between syncs each rank has its own
 
     def __init__(self, model: torch.nn.Module, comm: Comm, cfg: DistributedConfig):
         super().__init__(model, comm)
-        self.cfg = cfg
-        self.global_params = [p.detach().clone() for p in self.params]
+        self.outer_setup(cfg, comm)
+
+    def outer_setup(self, cfg: DistributedConfig, across: Comm) -> None:
+        """The global weights (this rank's part of them) and their outer optimizer; `across`: the
+        ranks whose pseudo-gradients are averaged with this rank's."""
+        self.cfg, self.across = cfg, across
+        with torch.no_grad():
+            self.global_params = [local(p).clone() for p in self.params]
         m = cfg.outer_momentum
         self.outer = torch.optim.SGD(self.global_params, lr=cfg.outer_lr, momentum=m, nesterov=m > 0)
 
@@ -170,7 +227,7 @@ class DiLoCo(Sync):
         if step % self.cfg.inner_steps and not final:
             return
         with torch.no_grad():
-            pseudo = flat([g - p.detach() for g, p in zip(self.global_params, self.params)])
+            pseudo = flat([g - local(p) for g, p in zip(self.global_params, self.params)])
             mean = self.average(pseudo)
             for g in self.global_params:
                 g.grad = torch.empty_like(g)
@@ -178,24 +235,27 @@ class DiLoCo(Sync):
         self.outer.step()
         with torch.no_grad():
             for p, g in zip(self.params, self.global_params):
-                p.copy_(g)
+                local(p).copy_(g)
 
     def average(self, vec: torch.Tensor) -> torch.Tensor:
-        """The mean of every rank's `vec`, sent as fp32, bf16 or int8 with one scale per tensor.
-        Compressed payloads are all-gathered and summed in fp32 on every rank (a low-precision
-        sum would round at every hop); every rank decodes the same bytes, its own included, so
-        the ranks' global weights stay identical."""
-        n, kind = self.world.size, self.cfg.compress
+        """The mean of every `across` rank's `vec`, sent as fp32, bf16 or int8 with one scale per
+        tensor. Compressed payloads are all-gathered and summed in fp32 on every rank (a
+        low-precision sum would round at every hop); every rank decodes the same bytes, its own
+        included, so the ranks' global weights stay identical."""
+        comm = self.across
+        n, kind = comm.world.size, self.cfg.compress
         if kind == "none":
-            return self.comm.all_reduce(vec.to(self.comm.device), "pseudo_grads").to(vec.device) / n
+            return comm.all_reduce(vec.to(comm.device), "pseudo_grads").to(vec.device) / n
         if kind == "bf16":
-            parts = self.comm.all_gather(vec.to(self.comm.device, torch.bfloat16), "pseudo_grads")
+            parts = comm.all_gather(vec.to(comm.device, torch.bfloat16), "pseudo_grads")
             return torch.stack([p.float() for p in parts]).mean(0).to(vec.device)
-        sizes = [p.numel() for p in self.params]
-        scales = torch.stack([c.abs().max() for c in vec.split(sizes)]).clamp(min=1e-30) / 127
+        sizes = [g.numel() for g in self.global_params]
+        # An FSDP shard may be empty (a dimension smaller than the group): its scale is unused.
+        scales = torch.stack([c.abs().max() if c.numel() else c.new_zeros(()) for c in vec.split(sizes)])
+        scales = scales.clamp(min=1e-30) / 127
         q = torch.cat([(c / s).round().to(torch.int8) for c, s in zip(vec.split(sizes), scales)])
-        qs = self.comm.all_gather(q.to(self.comm.device), "pseudo_grads")
-        ss = self.comm.all_gather(scales.float().to(self.comm.device), "pseudo_grads")
+        qs = comm.all_gather(q.to(comm.device), "pseudo_grads")
+        ss = comm.all_gather(scales.float().to(comm.device), "pseudo_grads")
         total = sum(torch.cat([c.float() * s for c, s in zip(qk.to(vec.device).split(sizes), sk.to(vec.device))])
                     for qk, sk in zip(qs, ss))
         return total / n
@@ -216,28 +276,78 @@ class DiLoCo(Sync):
                     self.outer.state[g]["momentum_buffer"] = tensors[f"momentum.{i}"].to(g.device).clone()
 
 
-class FSDP(DDP):
+class ShardedDiLoCo(DiLoCo):
+    """DiLoCo whose workers are groups of `shard_group` consecutive ranks (fast links inside a
+    node), each group training FSDP2-sharded over its own ranks (the HSDP-like layout of
+    INTELLECT-1). Inner steps: every rank holds 1/N of its group's weights, gradients and AdamW
+    state; FSDP gathers and reduce-scatters within the group only. Outer step: each rank averages
+    its own shard's pseudo-gradient with the ranks holding the same shard in the other groups, so
+    the slow links carry 1/N of a model per rank per sync. The loss weights are FSDP's within the
+    group (`share`): a group minimises the mean over its ranks' units, as a DiLoCo rank minimises
+    its batch's. Checkpoints are refused by the config for now (each rank's state is a shard)."""
+
+    def __init__(self, model: torch.nn.Module, comm: Comm, cfg: DistributedConfig, device: torch.device):
+        super(DiLoCo, self).__init__(model, comm)  # Sync: every rank starts from rank 0's full weights
+        self.model, n = model, cfg.shard_group
+        if self.world.size % n:
+            raise KeelError(f"distributed: shard_group ({n}) must divide the number of ranks ({self.world.size})",
+                            field="distributed.shard_group")
+        mesh = init_device_mesh(device.type, (self.world.size // n, n), mesh_dim_names=("replicate", "shard"))
+        shard_layers(model, device, mesh["shard"])
+        self.params = [p for p in model.parameters() if p.requires_grad]  # now DTensors over the group
+        self.group = comm.sub(mesh.get_group("shard"))
+        self.outer_setup(cfg, comm.sub(mesh.get_group("replicate")))
+
+    def share(self, n: float) -> float:
+        total = self.group.scalar(n, "control")
+        return n * self.group.world.size / total if total else 0.0
+
+    def passes(self, n: int) -> int:
+        """FSDP's collectives pair up within the group: as many passes as its busiest rank."""
+        return int(self.group.scalar(n, "control", op=dist.ReduceOp.MAX))
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        raise KeelError("distributed: checkpoints of DiLoCo over FSDP (shard_group > 1) are not written yet: "
+                        "set resilience.checkpoint_every and checkpoint_seconds to 0", field="distributed.shard_group")
+
+
+def shard_layers(model: torch.nn.Module, device: torch.device, mesh=None, offload: bool = False) -> None:
+    """FSDP2 on each decoder layer, then the root, over `mesh` (default: every rank). On
+    accelerators bf16 weights for the compute and fp32 gradient reduction, the sharded fp32
+    parameters staying the optimizer's master copy; on CPU fp32 throughout (exactness tests).
+    `offload`: the shards (and their gradients and optimizer state) live in host memory and are
+    copied to the device for each use (CPUOffloadPolicy); on a CPU run they are there already.
+    Pinned host memory needs an accelerator, so it is pinned only with one."""
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if device.type != "cpu" else MixedPrecisionPolicy())
+    policy = CPUOffloadPolicy(pin_memory=device.type != "cpu") if offload else OffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=policy)
+
+
+class FSDP(DataParallel):
     """FSDP2 over the ranks; with one process, nothing to shard (the plain model, as DDP).
 
     The loss weights are DDP's (`share`): FSDP's reduce-scatter divides the sum of the ranks'
     gradients by the world size, as DDP's all-reduce does, so rank r's loss times
     `n_r * ranks / n_total` gives the gradient of the mean over every rank's units. FSDP's own
     collectives do not pass through `Comm`, so `comm_bytes` counts only keel's (metrics, control).
+    Every forward and backward of a sharded module is a collective: each rank must run as many,
+    in the same order (`passes`), and nothing may run one on a single rank (sampling, evaluation:
+    the RL trainer keeps a plain copy for them, fed `full_state`).
     The trainers build their optimizer after this (over the sharded DTensor parameters), and
-    keel.resilience.state gathers full model and optimizer state for checkpoints."""
+    keel.resilience.state turns the sharded model and optimizer into checkpoints."""
 
-    def __init__(self, model: torch.nn.Module, comm: Comm, device: torch.device):
+    def __init__(self, model: torch.nn.Module, comm: Comm, device: torch.device, offload: bool = False,
+                 frozen: tuple[torch.nn.Module, ...] = ()):
         super().__init__(model, comm)  # every rank starts from rank 0's (full) weights
+        copy_weights(model, frozen)
         self.model = model
         if self.world.size == 1:
             return
-        # bf16 weights for the compute and fp32 gradient reduction on accelerators; the sharded
-        # fp32 parameters stay the optimizer's master copy. CPU: fp32 throughout (exactness tests).
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device.type != "cpu" else MixedPrecisionPolicy())
-        for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        for module in (model, *frozen):
+            shard_layers(module, device, offload=offload)
         self.params = [p for p in model.parameters() if p.requires_grad]  # now DTensors
 
     def grads(self) -> None:
@@ -248,37 +358,22 @@ class FSDP(DDP):
             return n
         return int(self.comm.scalar(n, "control", op=dist.ReduceOp.MAX))
 
-    def unshard_model(self) -> None:
-        """Turn the sharded model back into a plain one holding the full weights on every rank
-        (collective), so rank 0 can write OUT/model after the process group is gone. FSDP2 has no
-        public inverse of `fully_shard`: its hooks are removed and the original classes restored."""
-        if self.world.size == 1:
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
-        for module in self.model.modules():
-            if not isinstance(module, FSDPModule):
-                continue
-            state = fully_shard.state(module)
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-            group = state._fsdp_param_group
-            if group is not None:
-                for handles in (group._module_to_pre_save_state_dict_hook_handle,
-                                group._module_to_pre_load_state_dict_hook_handle):
-                    for handle in handles.values():
-                        handle.remove()
-                for fsdp_param in group.fsdp_params:
-                    fsdp_param._post_load_hook_handle.remove()
-            module.__class__ = type(module).__bases__[1]  # FSDP<Cls>(FSDPModule, Cls) -> Cls
-        with torch.no_grad():
-            for name, param in list(self.model.named_parameters()):
-                owner, _, leaf = name.rpartition(".")
-                module = self.model.get_submodule(owner)
-                module._parameters[leaf] = torch.nn.Parameter(full[name], requires_grad=param.requires_grad)
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
+def copy_weights(model: torch.nn.Module, frozen: tuple[torch.nn.Module, ...]) -> None:
+    """Give each of `frozen` (copies of `model` that never train) `model`'s weights: rank 0's, once
+    the synchroniser has broadcast them."""
+    for module in frozen:
+        module.load_state_dict(model.state_dict())
+
+
+def full_state(model: torch.nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
+    """`model`'s full weights by name (its `state_dict()` keys): a sharded model's gathered from
+    every rank's shards (a collective: every rank calls it, in the same order), on every rank, or
+    with `main_only` on rank 0 alone, in host memory (the others get an empty dict); a plain
+    model's own tensors."""
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=main_only))
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -294,13 +389,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def make_sync(cfg: DistributedConfig, model: torch.nn.Module, device: torch.device) -> Sync:
+def make_sync(cfg: DistributedConfig, model: torch.nn.Module, device: torch.device,
+              frozen: tuple[torch.nn.Module, ...] = ()) -> Sync:
     """Join the process group (under torchrun) and return the configured synchroniser. Build the
-    optimizer after this: under fsdp it must hold the sharded parameters."""
+    optimizer after this: under fsdp it must hold the sharded parameters. `frozen`: copies of
+    `model` that never train (RL's KL reference), taken before this call; they get the weights
+    `model` starts from and, under fsdp, are sharded as it is (their forwards are collectives too)."""
     world = init_world(device)
     comm = Comm(world, device, cfg.link_gbps, cfg.link_latency_ms)
-    if cfg.sync == "diloco":
-        return DiLoCo(model, comm, cfg)
+    if cfg.sync == "diloco" and cfg.shard_group > 1 and world.size > 1:
+        return ShardedDiLoCo(model, comm, cfg, device)
     if cfg.sync == "fsdp":
-        return FSDP(model, comm, device)
-    return DDP(model, comm)
+        return FSDP(model, comm, device, cfg.offload, frozen)
+    sync = DiLoCo(model, comm, cfg) if cfg.sync == "diloco" else DDP(model, comm)
+    copy_weights(model, frozen)
+    return sync

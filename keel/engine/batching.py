@@ -3,7 +3,9 @@
 Each `Engine.step()`:
 1. drops cancelled rows (a client that went away frees its slot at once);
 2. admits waiting requests while there is room: each is prefilled alone (no padding inside a
-   prefill, so no pad query ever attends to nothing) and samples its first token;
+   prefill, so no pad query ever attends to nothing) and samples its first token; requests
+   admitted in the same step with the same prompt (an RL group, `n` choices of one request) share
+   one prefill: a prompt prefilled alone gives the same logits and cache whoever sent it;
 3. runs ONE decode step for every running row together and samples each row's next token;
 4. retires rows that produced a stop token or reached their token budget.
 
@@ -101,6 +103,7 @@ class EngineStats:
     max_batch_seen: int = 0
     failed: int = 0           # requests finished with finish_reason "error"
     refused: int = 0          # requests refused because the waiting queue was full
+    shared_prefills: int = 0  # admissions that reused the prefill of an identical prompt
 
 
 class Engine:
@@ -167,6 +170,7 @@ class Engine:
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
         for req in gone:
             self._finish(req, "cancelled")
+        prefills: dict[tuple[int, ...], tuple] = {}  # this step's prompts -> (logits, present)
         while len(self._rows) < self.max_batch:
             with self._cv:
                 req = self._waiting.popleft() if self._waiting else None
@@ -175,17 +179,17 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "cancelled")
             else:
-                self._admit_alone(req)
+                self._admit_alone(req, prefills)
         if self._rows:
             self._decode()
         return bool(self._rows or self._waiting)
 
-    def _admit_alone(self, req: Request) -> None:
+    def _admit_alone(self, req: Request, prefills: dict) -> None:
         """Admit `req`; if its prefill or first sample fails, it fails alone (the batch is only
         changed once everything about the newcomer has been computed). Out of the queue and not
         yet a row, it would otherwise be in no list the failure path finishes."""
         try:
-            self._admit(req)
+            self._admit(req, prefills)
         except Exception as e:
             self._fail(req, e)
 
@@ -194,11 +198,19 @@ class Engine:
         if not req.done:
             self._finish(req, "error", f"{type(e).__name__}: {e}")
 
-    def _admit(self, req: Request) -> None:
+    def _admit(self, req: Request, prefills: dict) -> None:
+        """Prefill `req` (or reuse `prefills`' run of the same prompt: nothing below changes a
+        cache tensor in place), sample its first token, and join it to the batch."""
         P = len(req.prompt)
-        ids = torch.tensor([req.prompt], dtype=torch.long)
-        logits, present = self.backend.forward(ids, torch.ones(1, P, dtype=torch.long),
-                                               torch.arange(P).unsqueeze(0), self.backend.empty_past(1))
+        key = tuple(req.prompt)
+        if key in prefills:
+            logits, present = prefills[key]
+            self.stats.shared_prefills += 1
+        else:
+            ids = torch.tensor([req.prompt], dtype=torch.long)
+            logits, present = self.backend.forward(ids, torch.ones(1, P, dtype=torch.long),
+                                                   torch.arange(P).unsqueeze(0), self.backend.empty_past(1))
+            prefills[key] = logits, present
         self.stats.admitted += 1
         self.stats.prompt_tokens += P
         if req.prompt_logprobs:

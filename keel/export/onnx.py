@@ -9,6 +9,11 @@ One graph serves prefill and decode: inputs `input_ids` [B, S], `attention_mask`
 The export directory holds model.onnx (+ model.onnx.data when the weights are large), the
 tokenizer, the HF config, and keel_onnx.json: shapes, dtype, and the max |logit| difference to
 torch measured right after export on a prefill and a decode step.
+
+dtype int8 or int4 writes the rollout sampler's graph (`keel.engine.backends.rollout_graph`: matmul
+weights quantized by ONNX Runtime's own tools, fp32 activations) with its weights inside, so that
+`keel serve` and `keel parity` run exactly what `rollout: {backend: onnxruntime, dtype: int8}`
+samples with; its check is against fp32 torch, so it measures the quantization.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import torch
 
 from keel.errors import KeelError
 from keel.io import check_out_folder, publish_folder, temp_folder
-from keel.engine.backends import ONNX_FILE, ONNX_META, OrtBackend, TorchBackend, check_dtype, graph_meta, trace_onnx
+from keel.engine.backends import (ONNX_FILE, ONNX_META, OrtBackend, TorchBackend, check_dtype, embed_weights,
+                                  graph_meta, rollout_graph, trace_onnx)
+from keel.engine.quantize import QUANTIZED
 from keel.models import load_model, sliding_window
 
 ONNX_KIND = "onnx"  # the marker keel.io puts in export folders
@@ -63,7 +70,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
     """Write `out` as an ONNX export directory (atomically); returns its keel_onnx.json contents.
     An existing `out` is replaced only when it is an export keel wrote, or with `overwrite`; never
     when it is (or holds) `model_dir`. `on_phase(name)` is called as each of EXPORT_PHASES starts."""
-    torch_dtype = check_dtype(dtype)
+    torch_dtype = torch.float32 if dtype in QUANTIZED else check_dtype(dtype)
     check_out_folder(out, ONNX_KIND, overwrite, inputs=(model_dir,))  # before minutes of exporting
     on_phase(EXPORT_PHASES[0])
     model, tokenizer = load_model(model_dir)
@@ -76,16 +83,26 @@ def export_onnx(model_dir: str | Path, out: str | Path, dtype: str = "fp32", che
     tmp = temp_folder(out, ONNX_KIND, overwrite, inputs=(model_dir,))
     try:
         on_phase(EXPORT_PHASES[1])
-        program = trace_onnx(model, str(model_dir), "model")
         big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30
-        program.save(str(tmp / ONNX_FILE), external_data=big)
+        if dtype in QUANTIZED:  # the rollout sampler's graph, its weights inside
+            import onnx
+
+            meta, proto, _, weights = rollout_graph(model, dtype)
+            embed_weights(proto, weights)
+            onnx.save(proto, str(tmp / ONNX_FILE), save_as_external_data=big, location=ONNX_FILE + ".data")
+        else:
+            program = trace_onnx(model, str(model_dir), "model")
+            program.save(str(tmp / ONNX_FILE), external_data=big)
+            meta = graph_meta(model, dtype)
         tokenizer.save_pretrained(tmp)
         model.config.save_pretrained(tmp)
-        meta = {**graph_meta(model, dtype), "source": str(Path(model_dir).resolve())}
+        meta = {**meta, "source": str(Path(model_dir).resolve())}
         (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
         if check and dtype != "bf16":
             on_phase(EXPORT_PHASES[2])
-            meta["check_max_abs_logit_diff"] = check_export(TorchBackend(model, "cpu", dtype), OrtBackend(tmp))
+            # int8 and int4 against fp32 torch: the number is what the quantization changes
+            reference = TorchBackend(model, "cpu", "fp32" if dtype in QUANTIZED else dtype)
+            meta["check_max_abs_logit_diff"] = check_export(reference, OrtBackend(tmp))
             (tmp / ONNX_META).write_text(json.dumps(meta, indent=1))
         publish_folder(tmp, out, ONNX_KIND, overwrite, inputs=(model_dir,))
     finally:

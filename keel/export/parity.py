@@ -143,24 +143,20 @@ def format_table(result: dict) -> str:
 
 
 def build_backend(spec: str, model_dir: str | Path, workdir: str | Path):
-    """A backend from a spec like torch:cpu:bf16 or onnxruntime:cpu:fp32. An onnxruntime backend
-    runs `model_dir` itself when it is an export directory, else an export made into `workdir`."""
+    """A backend from a spec (`keel.engine.backends.parse_spec`: torch:cpu:bf16, onnxruntime:cpu:int8,
+    ...). An onnxruntime backend over an HF directory runs an export made into `workdir` (kept and
+    reused while the weights are unchanged): for int8 and int4 that is the rollout sampler's own
+    graph, so the report states the mismatch such a sampler brings."""
     from keel.export.onnx import export_onnx
-    from keel.engine.backends import ONNX_FILE, OrtBackend, load_torch_backend, parse_spec
+    from keel.engine.backends import ONNX_FILE, OrtBackend, open_backend, parse_spec
 
-    kind, device, dtype = parse_spec(spec)
-    if kind == "torch":
-        return load_torch_backend(model_dir, device, dtype)[0]
-    if (Path(model_dir) / ONNX_FILE).is_file():
-        backend = OrtBackend(model_dir, device)
-        if backend.meta["dtype"] != dtype:
-            raise KeelError(f"{model_dir} holds a {backend.meta['dtype']} ONNX graph, not {dtype}: pass the HF model "
-                            "directory so keel exports the dtype you ask for")
-        return backend
+    kind, provider, dtype = parse_spec(spec)
+    if kind != "onnxruntime" or (Path(model_dir) / ONNX_FILE).is_file():
+        return open_backend(spec, model_dir)[0]
     onnx_dir = Path(workdir) / f"onnx-{dtype}"
     if not _export_is_current(onnx_dir, model_dir):
         export_onnx(model_dir, onnx_dir, dtype)
-    return OrtBackend(onnx_dir, device)
+    return OrtBackend(onnx_dir, provider)
 
 
 def _export_is_current(onnx_dir: Path, model_dir) -> bool:

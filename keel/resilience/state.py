@@ -1,6 +1,7 @@
 """Turning live training objects into (tensors, JSON) and back, exactly.
 
-Tensors go to safetensors and everything else to JSON, so a checkpoint never needs pickle.
+Tensors go to safetensors (under sync: fsdp the model's and optimizer's through DCP, keyed by
+parameter name: `sharded_state`) and everything else to JSON.
 """
 
 from __future__ import annotations
@@ -11,17 +12,14 @@ import random
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+                                                     set_model_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.tensor import DTensor
 
 from keel.device import accelerator_rng_states, set_accelerator_rng_states
 from keel.errors import KeelError
 
-
-# A model sharded by FSDP2 (sync: fsdp) goes into the same checkpoint layout as a single process:
-# its full state gathered to rank 0 (collective: every rank calls these), and each rank takes its
-# shards back on load. Sharded checkpoints written by every rank through DCP are the next step.
-FULL_ON_MAIN = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# A full state (a single process's or DDP's checkpoint) loaded into a model sharded by FSDP2: every
+# rank reads the full tensors and keeps its own shards.
 FULL = StateDictOptions(full_state_dict=True)
 
 
@@ -29,20 +27,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def holds_shards(tensors) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors.values())
+
+
 def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer's state keyed by parameter index; `model` (a sharded one: gathered on rank 0,
-    empty elsewhere) is needed only under FSDP."""
-    if model is not None and is_sharded(model):
-        sd = get_optimizer_state_dict(model, optimizer, options=FULL_ON_MAIN)
-        if not sd:
-            return {}, {"param_groups": [], "scalars": {}}
-        # DCP keys the state by parameter name; the checkpoint by index, as optimizer.state_dict() does.
-        index = {fqn: i for i, fqn in enumerate(fqn for g in sd["param_groups"] for fqn in g["params"])}
-        sd = {"state": {index[fqn]: slots for fqn, slots in sd["state"].items()},
-              "param_groups": [{**g, "params": [index[fqn] for fqn in g["params"]]} for g in sd["param_groups"]]}
-    else:
-        sd = optimizer.state_dict()
+    """The optimizer's state keyed by parameter index (under FSDP each rank's own shards, as
+    DTensors: the training loop writes those through DCP, see `sharded_state`). `model` is unused
+    and kept for the trainers' calls."""
+    sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, slots in sd["state"].items():
         for name, value in slots.items():
@@ -59,7 +53,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
         idx, _, name = key.partition(".")
         state.setdefault(int(idx), {})[name] = value
-    if model is not None and is_sharded(model):
+    if model is not None and is_sharded(model) and not holds_shards(tensors):  # a full state (ddp, one process)
         names = {p: name for name, p in model.named_parameters()}
         fqns = [names[p] for g in optimizer.param_groups for p in g["params"]]
         full = {"state": {fqns[i]: slots for i, slots in state.items()},
@@ -67,6 +61,38 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         set_optimizer_state_dict(model, optimizer, full, options=FULL)  # every rank keeps its own shards
         return
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, with_optimizer: bool | None = None
+                  ) -> tuple[dict, dict]:
+    """Model and optimizer as DCP writes them, keyed by parameter name so that any number of ranks
+    can load them: ({"model": {name: t}, "optimizer": {name: {slot: t}}}, {"param_groups",
+    "scalars"}) from torch's get_state_dict, each rank's own shards under FSDP (DTensors, no
+    copy), the plain tensors in one process. Before the optimizer's first step its state is empty
+    and left so (param_groups None): torch would create it by taking a step of zero gradients,
+    which moves AdamW's step count. `with_optimizer` forces that step (load targets for a
+    checkpoint that has optimizer state)."""
+    model_sd = get_model_state_dict(model)
+    if not (optimizer.state if with_optimizer is None else with_optimizer):
+        return {"model": model_sd, "optimizer": {}}, {"param_groups": None, "scalars": {}}
+    if with_optimizer and not optimizer.state:
+        optimizer.zero_grad(set_to_none=True)  # torch skips that step where gradients exist (none do between steps)
+    optim_sd = get_optimizer_state_dict(model, optimizer)
+    slots = {name: {k: v for k, v in s.items() if torch.is_tensor(v)} for name, s in optim_sd["state"].items()}
+    scalars = {name: {k: v for k, v in s.items() if not torch.is_tensor(v)} for name, s in optim_sd["state"].items()}
+    scalars = {name: values for name, values in scalars.items() if values}
+    return {"model": model_sd, "optimizer": slots}, {"param_groups": optim_sd["param_groups"], "scalars": scalars}
+
+
+def load_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Load what `sharded_state` gave (its tensors filled by DCP) into the model and optimizer."""
+    if meta["param_groups"] is None:  # saved before the optimizer's first step
+        set_model_state_dict(model, tensors["model"])
+        optimizer.state.clear()
+        return
+    state = {name: {**slots, **meta["scalars"].get(name, {})} for name, slots in tensors["optimizer"].items()}
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"],
+                   optim_state_dict={"state": state, "param_groups": meta["param_groups"]})
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -96,10 +122,14 @@ def _jsonable(value):
 def model_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The model's tensors for a checkpoint: all of them, or (`trainable_only`, LoRA) only the
     parameters that train; the frozen rest is reloaded from the model directory on resume.
-    A sharded model's full state is gathered to rank 0 (the other ranks get an empty dict); the
-    config refuses lora with sync: fsdp."""
+    A sharded model gives each rank's own shards (DTensors: the training loop writes those through
+    DCP)."""
     if is_sharded(model):
-        return get_model_state_dict(model, options=FULL_ON_MAIN)
+        state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=trainable_only))
+        if trainable_only:  # a tied head's second name comes through ignore_frozen_params: the parameters' own names
+            names = {name for name, p in model.named_parameters() if p.requires_grad}
+            state = {name: t for name, t in state.items() if name in names}
+        return state
     if trainable_only:
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
     # Tied weights appear under two names; safetensors refuses shared storage, flatten() copies.
@@ -114,13 +144,16 @@ def load_model_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], t
                             f"(e.g. {sorted(set(tensors) ^ names)[:2]}): resume with the lora settings that "
                             "wrote it, or start a fresh run", field="lora")
         try:
-            model.load_state_dict(tensors, strict=False)
+            if is_sharded(model):  # this rank's shards of the adapters; the frozen base is the model directory's
+                set_model_state_dict(model, tensors, options=StateDictOptions(strict=False))
+            else:
+                model.load_state_dict(tensors, strict=False)
         except RuntimeError as e:  # shapes differ: another rank r
             raise KeelError(f"the checkpoint's adapters do not fit this model ({str(e).splitlines()[-1].strip()}): "
                             "resume with the lora settings that wrote it", field="lora") from None
         return
-    if is_sharded(model):  # every rank read the full tensors; each keeps its own shards
-        set_model_state_dict(model, tensors, options=FULL)
+    if is_sharded(model):  # its own shards, or the full tensors (a ddp checkpoint) of which each rank keeps its own
+        set_model_state_dict(model, tensors, options=StateDictOptions() if holds_shards(tensors) else FULL)
         return
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     assert not unexpected, unexpected

@@ -79,8 +79,10 @@ def mismatch_stats(log_ratio_N: torch.Tensor, weight_N: torch.Tensor, corrected_
     }
 
 
-def resolve_correction(mode: str, sampler_is_trainer: bool) -> str:
-    """`auto` is tis whenever the sampler is not the trainer itself, else none; others as set."""
+def resolve_correction(mode: str, sampler_is_trainer: bool, async_steps: int = 0) -> str:
+    """`auto` is tis whenever the sampler is not the trainer itself, or samples `async_steps` (1)
+    steps behind it: those rollouts come from the weights before the last update, off-policy even
+    when the sampler computes exactly what the trainer does. Else none; other modes as set."""
     if mode != "auto":
         return mode
-    return "none" if sampler_is_trainer else "tis"
+    return "none" if sampler_is_trainer and not async_steps else "tis"

@@ -68,6 +68,18 @@ def batch_units(spec: LossSpec, lengths_B) -> float:
     return float(sum(lengths_B)) if spec.aggregation == "token_mean" else float(len(lengths_B))
 
 
+def rows_with_gradient(adv_B: torch.Tensor, beta: float) -> list[int]:
+    """The rows whose loss has a gradient: every row with a KL term (beta > 0), else the rows whose
+    advantage is not exactly 0. Without the KL term each token's loss is
+    -min(ratio * A, clip(ratio) * A) * w, which is 0 for A == 0 whatever the policy, at either ratio
+    level and whatever correction weight w: such a row's gradient is exactly 0, so its forward and
+    backward can be skipped. Its tokens and sequences still count in the normalisers (`batch_units`
+    of the whole batch), so the loss and the gradient are the unskipped ones to float rounding."""
+    if beta > 0:
+        return list(range(adv_B.shape[0]))
+    return torch.nonzero(adv_B != 0).flatten().tolist()
+
+
 def policy_loss(
     logp_BT: torch.Tensor,
     old_logp_BT: torch.Tensor,

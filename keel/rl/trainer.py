@@ -11,13 +11,16 @@ Rollouts are sampled by the trainer's own model, or with `cfg.rollout` by anothe
 copy in another dtype or on another device, or ONNX Runtime), which gets the trainer's weights
 before every step's rollouts. Then the trainer re-scores the rollouts in PyTorch (pi_old) and
 weights each token's loss by the off-policy correction of pi_old against the sampler's own
-log-probs (mu): keel/rl/correction.py.
+log-probs (mu): keel/rl/correction.py. With `async_steps: 1` the sampler (a copy, if not another
+backend) samples step n+1's batch in a worker thread while the trainer learns from step n's
+(keel/rl/overlap.py); the batch in flight is part of the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +28,10 @@ from pathlib import Path
 import torch
 
 from keel.completions import complete
-from keel.config import EvalConfig, RLConfig
+from keel.config import EvalConfig, RLConfig, RolloutConfig
 from keel.device import autocast, make_generator, pick_device, supports_bf16, synchronize
 from keel.distributed import make_sync
+from keel.distributed.sync import full_state
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
@@ -35,15 +39,18 @@ from keel.models import enable_gradient_checkpointing, special_ids, with_lora
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
-                                   optimizer_state, rng_state, set_rng_state)
+from keel.resilience.state import (check_frozen, frozen_digest, is_sharded, load_model_state, load_optimizer_state,
+                                   model_state, optimizer_state, rng_state, set_rng_state)
 from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
 from keel.rl.correction import correction_weights, mismatch_stats, resolve_correction
-from keel.rl.losses import batch_units, policy_loss
+from keel.rl.losses import batch_units, policy_loss, rows_with_gradient
+from keel.rl.overlap import Overlap
 from keel.engine.backends import OrtBackend, TorchBackend
+from keel.engine.vllm_backend import VllmSampler
 from keel.engine.sampler import SamplingParams, completion_logprobs, packed_completion_logprobs
 from keel.tasks import get_task
 from keel.train.loop import train_loop
+from keel.train.sft import whole_logits_if_sharded
 
 TRAIN_POOL = 4096  # distinct training prompts drawn from a generated task
 RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride: its own stream, rank 0's as in one process
@@ -73,6 +80,24 @@ class Batch:
         return Batch(pick(self.prompts), pick(self.completions), self.rewards_B[index], self.correct_B[index],
                      self.format_B[index], self.finished_B[index], len(rows), pick(self.logprobs))
 
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able meta) that `from_state` turns back into this batch exactly: token ids
+        and counts as JSON, rewards, flags and log-probs (float64 holds any Python float) as tensors."""
+        tensors = {"rewards": self.rewards_B, "correct": self.correct_B, "format": self.format_B,
+                   "finished": self.finished_B}
+        if self.logprobs is not None:
+            tensors["logprobs"] = torch.tensor([x for row in self.logprobs for x in row], dtype=torch.float64)
+        return tensors, {"prompts": self.prompts, "completions": self.completions, "sampled": self.sampled}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "Batch":
+        logprobs = None
+        if "logprobs" in tensors:
+            flat, ends = tensors["logprobs"].tolist(), itertools.accumulate(len(c) for c in meta["completions"])
+            logprobs = [flat[end - len(c):end] for c, end in zip(meta["completions"], ends)]
+        return cls(meta["prompts"], meta["completions"], tensors["rewards"], tensors["correct"], tensors["format"],
+                   tensors["finished"], meta["sampled"], logprobs)
+
     def micro_batches(self, max_tokens: int, packed: bool = False) -> list[list[int]]:
         """Consecutive rows, grouped so that each group's forward stays within `max_tokens`: its
         padded size (rows x (longest prompt + longest completion)), or packed, its real tokens. A
@@ -87,6 +112,17 @@ class Batch:
             rows.append(i)
             longest_p, longest_c, real = lp, lc, real + len(p) + len(c)
         return groups + [rows] if rows else groups
+
+
+class FullWeights:
+    """A model's full weights by name, standing in for the model where a rollout backend reads them
+    (`load_weights` calls `state_dict()`): a sharded model's own state dict holds only its shards."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tensors
 
 
 def merge_stats(parts: list[tuple[dict, float, float, float]]) -> dict:
@@ -130,7 +166,16 @@ class RLTrainer:
         self.base_digest = frozen_digest(model) if self.peft is not None else None
         self.model = model.to(self.device)
         enable_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
-        self.sync = make_sync(cfg.distributed, self.model, self.device)
+        # The rollout sampler and the KL reference are copies of the plain model, taken before
+        # make_sync: under fsdp it shards self.model in place (and the reference alike).
+        self.sampler, self.sampler_is_trainer = self._make_sampler()
+        if cfg.async_steps and self.sampler is None:  # the model trains while its copy samples the next batch
+            self.sampler = TorchBackend(copy.deepcopy(self.model), self.device, "fp32")
+        self.ref = None
+        if cfg.beta > 0 and self.peft is None:  # the frozen initial policy for the KL term
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.sync = make_sync(cfg.distributed, self.model, self.device, frozen=() if self.ref is None else (self.ref,))
+        self.sharded = is_sharded(self.model)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         if cfg.prompts_per_step % ranks:
             raise KeelError(f"rl: prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number "
@@ -139,40 +184,52 @@ class RLTrainer:
         self.task = get_task(cfg.task, **cfg.task_options)
         self.eos_id, self.pad_id = special_ids(tokenizer)
         self.prompts = Epochs(train_prompts(self.task, cfg.seed)[rank::ranks], cfg.seed)
-        self.sampler, self.sampler_is_trainer = self._make_sampler()
-        self.correction = resolve_correction(cfg.correction, self.sampler_is_trainer)
+        self.correction = resolve_correction(cfg.correction, self.sampler_is_trainer, cfg.async_steps)
         sampler_device = self.device if self.sampler is None else self.sampler.device
         self.generator = make_generator(sampler_device, cfg.seed + RANK_SEED_STRIDE * rank)
         self.optimizer = make_optimizer(self.model, cfg.lr)
-        self.ref = None
-        if cfg.beta > 0 and self.peft is None:  # the frozen initial policy for the KL term
-            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.loss = cfg.loss_spec
         self.dynamic = cfg.dynamic_sampling_on
         self.overlong = cfg.overlong_tokens
         self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.step_idx = 0
+        self.pending: Batch | None = None  # async_steps 1: the next step's batch, sampled during this one
+        self.overlap = Overlap() if cfg.async_steps else None
 
     # -- rollouts ----------------------------------------------------------------------------
     def _make_sampler(self):
         """(the rollout backend or None, whether it computes exactly what the trainer computes).
         None is the trainer's own model. A torch copy in fp32 on the trainer's device, while the
         trainer runs in fp32, runs today's sampling code on the same weights: it IS the trainer
-        (its log-probs match the trainer's to the rounding the trainer's own sampler has)."""
+        (its log-probs match the trainer's to the rounding the trainer's own sampler has).
+        Under sync: fsdp the trainer's model is sharded and cannot sample: each rank's decode loop
+        runs as many forwards as its own completions need, and every forward of a sharded model is
+        a collective that the other ranks would have to join. So without `rollout` each rank samples
+        on a plain copy (RolloutConfig(): torch, fp32, the trainer's device) fed the gathered full
+        weights: on an fp32 trainer that copy is the trainer too, since FSDP's forward on the
+        gathered weights is the plain model's forward (fp32 all the way on CPU: no mixed precision)."""
         r = self.cfg.rollout
+        if r is None and self.cfg.distributed.sync == "fsdp":
+            r = RolloutConfig()
         if r is None:
             return None, True
         if r.backend == "onnxruntime":
-            return OrtBackend.from_model(self.model, r.provider), False
+            return OrtBackend.from_model(self.model, r.provider, dtype=r.dtype), False
+        if r.backend == "vllm":
+            rows = self.cfg.rollout_batch_size or self.cfg.prompts_per_step * self.cfg.group_size
+            return VllmSampler.from_model(self.model, device=r.device, dtype=r.dtype, seed=self.cfg.seed,
+                                          max_batch=rows), False
         device = self.device if r.device == "auto" else pick_device(r.device)
         trainer_fp32 = self.cfg.dtype == "fp32" or (self.cfg.dtype == "auto" and not supports_bf16(self.device))
         same = device == self.device and r.dtype == "fp32" and trainer_fp32
         return TorchBackend(copy.deepcopy(self.model), device, r.dtype), same
 
     def sync_sampler(self) -> float:
-        """Copy the trainer's weights into the rollout backend; the seconds it took."""
+        """Copy the trainer's weights into the rollout backend; the seconds it took. A sharded
+        model's full weights are gathered first, on every rank (a collective all ranks run at the
+        same point, so every rank's copy gets them: nothing to broadcast)."""
         t0 = time.perf_counter()
-        self.sampler.load_weights(self.model)
+        self.sampler.load_weights(FullWeights(full_state(self.model)))
         synchronize(self.sampler.device)
         return time.perf_counter() - t0
 
@@ -224,9 +281,11 @@ class RLTrainer:
         with autocast(self.device, self.cfg.dtype):
             if self.cfg.padding_free:
                 return packed_completion_logprobs(model, batch.prompts, batch.completions,
-                                                  temperature=self.cfg.temperature, with_entropy=with_entropy)
+                                                  temperature=self.cfg.temperature, with_entropy=with_entropy,
+                                                  logits_budget=whole_logits_if_sharded(model))
             return completion_logprobs(model, batch.prompts, batch.completions, pad_id=self.pad_id,
-                                       temperature=self.cfg.temperature, with_entropy=with_entropy)
+                                       temperature=self.cfg.temperature, with_entropy=with_entropy,
+                                       logits_budget=whole_logits_if_sharded(model))
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[B, C] log-probs of `batch`'s completions under the frozen initial policy, without grad:
@@ -251,76 +310,115 @@ class RLTrainer:
         # The weights reach the sampler before every step's rollouts: after the previous step's
         # update, and after a resume.
         sync_s = self.sync_sampler() if self.sampler is not None else 0.0
-        batch = self.collect()
+        if self.overlap is None:
+            batch = self.collect()
+        else:  # train on the batch sampled during the last step; sample the next one meanwhile
+            batch = self.pending if self.pending is not None else self.sample_now()
+            self.pending = None
+            self.overlap.start(self.collect)
         row = {"stage": "rl", "step": self.step_idx + 1, "lr": lr, "sampled": batch.sampled,
                "groups": len(batch.completions) // cfg.group_size, "rollout_s": time.perf_counter() - t0 - sync_s}
         if self.sampler is not None:
             row["weight_sync_s"] = sync_s
-        # A batch without a group with signal (dynamic sampling) is skipped when every rank's is.
-        if not apply or not self.sync.any(bool(batch.completions)):
-            self.step_idx += 1
-            return {**row, "skipped": "no_signal"} if apply else row
-        row.update(self.update(batch, injector))
-        row["step_s"] = time.perf_counter() - t0
-        row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
+        try:
+            # A batch without a group with signal (dynamic sampling) is skipped when every rank's is.
+            if not apply or not self.sync.any(bool(batch.completions)):
+                row = {**row, "skipped": "no_signal"} if apply else row
+            else:
+                row.update(self.update(batch, injector))
+        finally:
+            if self.overlap is not None:  # the next batch is ready before the sampler gets new weights
+                self.pending = self.overlap.join()
+                row["rollout_s"] += self.overlap.waited_s
         self.step_idx += 1
+        if self.sharded and self.eval_due():  # evaluate_every (rank 0 alone) reads the rollout copy
+            self.sync_sampler()
+        if "tokens" in row:
+            row["step_s"] = time.perf_counter() - t0
+            row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
         return row
+
+    def sample_now(self) -> Batch:
+        """A batch sampled in the sampling thread, waited for: every rollout of an async run is
+        drawn there, with the same thread count."""
+        self.overlap.start(self.collect)
+        return self.overlap.join()
 
     def update(self, batch: Batch, injector=NO_FAULTS) -> dict:
         """`updates_per_batch` optimizer steps on this rank's `batch`; returns its metrics. Each step
         runs the batch in micro-batches of at most `micro_batch_tokens` and accumulates their
         gradients, each micro-batch's loss weighted by its share of the batch's units (sequences, or
-        tokens for a token mean), so the update is the one-batch update to float rounding."""
-        cfg, spec = self.cfg, self.loss
-        if not batch.completions:  # other ranks have data: take part in their gradient average with zeros
-            def backward(loss_scale: float) -> float:
-                (sum(p.sum() for p in self.sync.params) * 0.0).backward()
-                return 0.0
+        tokens for a token mean), so the update is the one-batch update to float rounding.
 
-            _, grad_norm, _ = guarded_update(self.model, self.optimizer, backward, cfg.grad_clip, injector,
-                                             self.step_idx + 1, self.sync)
-            return {"grad_norm": grad_norm, "tokens": 0}
+        Rows whose gradient is exactly 0 (zero advantage without a KL term:
+        `losses.rows_with_gradient`) are not run; their units still count, so the loss, the
+        gradient and clip_frac are those of the whole batch to float rounding, while `entropy` and
+        the mismatch stats are over the rows trained on. `rows_skipped` is their share of the batch."""
+        cfg, spec = self.cfg, self.loss
+        # A rank without data (dynamic sampling) while others have some runs what they run (the
+        # loss-weight and gradient all-reduces; under fsdp every forward and backward too) on a
+        # filler group that weighs 0.
+        idle = not batch.completions
+        if idle:
+            batch = self.filler()
         adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=spec.scale_by_std).to(self.device)
-        micro = [(rows, batch.subset(rows)) for rows in batch.micro_batches(cfg.micro_batch_tokens, cfg.padding_free)]
         lengths = [len(c) for c in batch.completions]
         units = batch_units(spec, lengths)
+        trained = rows_with_gradient(adv_B, cfg.beta)
+        train = batch if len(trained) == len(lengths) else batch.subset(trained)
+        adv_B, train_lengths = adv_B[trained], [lengths[i] for i in trained]
+        micro = [(rows, train.subset(rows)) for rows in train.micro_batches(cfg.micro_batch_tokens, cfg.padding_free)]
+        # fsdp: a rank with fewer micro-batches than the busiest runs as many extra passes, weighing
+        # 0, so that every rank's forwards and backwards (collectives) pair up.
+        extra = self.sync.passes(len(micro)) - len(micro)
+        spare = micro[-1][1] if micro else self.filler()
         self.model.train()
         old_logp = ref_logp = [None] * len(micro)
         # Another sampler's log-probs (mu) differ from the trainer's (pi_old): each token's loss is
         # weighted by the correction of pi_old / mu, computed once per micro-batch.
         mu_logp = [None] * len(micro)
-        if self.sampler is not None and batch.logprobs is not None:
+        if self.sampler is not None and train.logprobs is not None:
             mu_logp = [part.sampling_logprobs(self.device) for _, part in micro]
         corrections = {}  # micro-batch -> (weight_BT or None, its real tokens' log-ratios, weights, corrected)
         if cfg.updates_per_batch > 1:
             # The policy moves between updates, so the ratios need the sampling policy's log-probs:
             # when the sampler is the trainer it recorded them (equal to a re-scoring forward to float
-            # rounding in fp32), which spares that forward. Another sampler's are not pi_old's, and
-            # batches built by hand may come without them: re-score.
-            if batch.logprobs is not None and self.sampler_is_trainer:
+            # rounding in fp32), which spares that forward. Another sampler's are not pi_old's, nor
+            # are those of a sampler a step behind (async_steps), and batches built by hand may come
+            # without them: re-score.
+            if train.logprobs is not None and self.sampler_is_trainer and not cfg.async_steps:
                 old_logp = [part.sampling_logprobs(self.device) for _, part in micro]
             else:
                 with torch.no_grad():
                     old_logp = [self._logprobs(self.model, part)[0] for _, part in micro]
+                    for _ in range(extra):
+                        self._logprobs(self.model, spare)
         if cfg.beta > 0:
             ref_logp = [self.reference_logprobs(part) for _, part in micro]
+            for _ in range(extra):
+                self.reference_logprobs(spare)
         skipped = 0
         for _ in range(cfg.updates_per_batch):
             # Weighted so that the ranks' averaged gradient is that of the loss over all their units.
-            share = self.sync.share(units)
+            share = self.sync.share(0.0 if idle else units)
             parts = []  # per micro-batch: (stats, ratio units, tokens, entropy sum)
 
             def backward(loss_scale: float) -> float:
+                if not micro and not extra:  # every row skipped: zero gradients, stepped on as any others
+                    self.zero_backward()
+                for _ in range(extra):
+                    (self._logprobs(self.model, spare)[0].sum() * 0.0).backward()
                 loss = 0.0
                 for k, (rows, part) in enumerate(micro):
-                    logp, mask, entropy = self._logprobs(self.model, part, with_entropy=True)
+                    logp, mask, entropy = self.sync.run(lambda m: self._logprobs(m, part, with_entropy=True),
+                                                        last=k == len(micro) - 1)
                     old = logp.detach() if old_logp[k] is None else old_logp[k]
                     if mu_logp[k] is not None and k not in corrections:
                         corrections[k] = self._correction(old, mu_logp[k], mask)
                     micro_loss, stats = policy_loss(logp, old, adv_B[rows], mask, spec=spec, norm_len=cfg.max_new_tokens,
                                                     ref_logp_BT=ref_logp[k], beta=cfg.beta,
                                                     is_weight_BT=corrections[k][0] if k in corrections else None)
-                    weighted = micro_loss * (batch_units(spec, [lengths[i] for i in rows]) / units)
+                    weighted = micro_loss * (batch_units(spec, [train_lengths[i] for i in rows]) / units)
                     (weighted * share * loss_scale).backward()
                     loss += weighted.item()
                     ratio_units = mask.sum() if spec.ratio == "token" else (mask.sum(1) > 0).sum()
@@ -331,19 +429,40 @@ class RLTrainer:
                                                       self.step_idx + 1, self.sync)
             skipped += not applied
         self.model.eval()
-        n_tokens = sum(lengths)
+        if idle:
+            return {"grad_norm": grad_norm, "tokens": 0}
+        skipped_lengths = [lengths[i] for i in sorted(set(range(len(lengths))) - set(trained))]
+        if skipped_lengths:  # zero advantage is never clipped (clip_frac counts A > 0 or A < 0), but counts
+            ratio_units = sum(skipped_lengths) if spec.ratio == "token" else sum(n > 0 for n in skipped_lengths)
+            parts.append(({"clip_frac": 0.0, "kl": 0.0}, ratio_units, sum(skipped_lengths), 0.0))
         row = {
             "loss": loss, "reward": batch.rewards_B.mean().item(),
             "reward_correct": batch.correct_B.mean().item(), "reward_format": batch.format_B.mean().item(),
             "accuracy": batch.correct_B.mean().item(), "response_length": torch.tensor(lengths).float().mean().item(),
             "truncated": 1 - batch.finished_B.float().mean().item(), **merge_stats(parts),
-            "entropy": sum(p[3] for p in parts) / max(1, n_tokens), "grad_norm": grad_norm, "tokens": n_tokens,
+            "grad_norm": grad_norm, "tokens": sum(lengths), "rows_skipped": len(skipped_lengths) / len(lengths),
         }
-        if corrections:
-            row.update(mismatch_stats(*(torch.cat([c[i] for c in corrections.values()]) for i in (1, 2, 3))))
+        if train_lengths:  # measured on the rows trained on: none, no entropy (not a misleading 0)
+            row["entropy"] = sum(p[3] for p in parts) / max(1, sum(train_lengths))
+        if self.sampler is not None and batch.logprobs is not None:  # over the trained tokens (none: zeros)
+            row.update(mismatch_stats(*(torch.cat([c[i] for c in corrections.values()]) if corrections
+                                        else torch.zeros(0) for i in (1, 2, 3))))
         if skipped:  # counted per update; the row says the step lost at least one
             row["skipped"] = "nonfinite"
         return row
+
+    def filler(self) -> Batch:
+        """A group of one-token completions with zero rewards: what a rank runs, weighing 0, to
+        take part in collectives without data of its own."""
+        G, zeros = self.cfg.group_size, torch.zeros(self.cfg.group_size)
+        return Batch([[self.eos_id]] * G, [[self.eos_id]] * G, zeros, zeros, zeros, torch.ones(G, dtype=torch.bool), 0,
+                     [[0.0]] * G)
+
+    def zero_backward(self) -> None:
+        """Zero gradients for every trained parameter, as a batch without signal has: the optimizer
+        then steps (momentum, weight decay) as for any batch, and under DDP this rank takes part in
+        the gradient average."""
+        self.sync.run(lambda m: sum(p.sum() for p in self.sync.params) * 0.0).backward()
 
     def _correction(self, old_logp_BT, mu_logp_BT, mask_BT):
         """(the loss weights, None for `none`; and the real tokens' log-ratios, weights and
@@ -356,13 +475,21 @@ class RLTrainer:
         return (None if self.correction == "none" else weight_BT, log_ratio_BT[real], weight_BT[real],
                 corrected_BT[real])
 
-    def evaluate_every(self, row: dict, eval_cfg: EvalConfig | None) -> None:
-        """Held-out greedy pass@1 every `eval_every` steps, added to the step's row."""
+    def eval_due(self) -> bool:
+        """Whether the step just taken ends with a held-out evaluation."""
         cfg = self.cfg
-        if cfg.eval_every and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps):
+        return bool(cfg.eval_every) and (self.step_idx % cfg.eval_every == 0 or self.step_idx == cfg.steps)
+
+    def evaluate_every(self, row: dict, eval_cfg: EvalConfig | None) -> None:
+        """Held-out greedy pass@1 every `eval_every` steps, added to the step's row. It runs on
+        rank 0 alone, so under fsdp not on the sharded model (its forwards are collectives) but on
+        the plain rollout copy, which `step` brought up to date on every rank."""
+        cfg = self.cfg
+        if self.eval_due():
             eval_cfg = eval_cfg or EvalConfig(task=cfg.task, task_options=cfg.task_options, n=cfg.eval_n,
                                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            row["test_pass@1"] = evaluate(self.model, self.tokenizer, eval_cfg, task=self.task, samples=False)["pass@1"]
+            model = self.sampler.model if self.sharded else self.model
+            row["test_pass@1"] = evaluate(model, self.tokenizer, eval_cfg, task=self.task, samples=False)["pass@1"]
 
     # -- checkpoint state --------------------------------------------------------------------
     def state(self):
@@ -375,6 +502,8 @@ class RLTrainer:
             tensors["ref"] = model_state(self.ref)
         meta = {"step": self.step_idx, "data": {"epoch": self.prompts.epoch, "cursor": self.prompts.cursor},
                 "optimizer": opt_meta, "rng": rng_meta}
+        if self.pending is not None:  # async_steps 1: the batch sampled for the next step (this rank's)
+            tensors["data"], meta["data"]["pending"] = self.pending.to_state()
         return tensors, ({**meta, "base_sha256": self.base_digest} if lora else meta)
 
     def load_state(self, tensors, state) -> None:
@@ -387,6 +516,9 @@ class RLTrainer:
         self.generator.set_state(tensors["rng"]["sampler"])
         self.step_idx = state["step"]
         self.prompts.seek(state["data"]["epoch"], state["data"]["cursor"])
+        pending = state["data"].get("pending")
+        if self.overlap is not None:  # a checkpoint without one (async_steps 0 wrote it) samples it anew
+            self.pending = None if pending is None else Batch.from_state(tensors["data"], pending)
 
 
 def rl(model, tokenizer, cfg: RLConfig, out: str | Path, eval_cfg: EvalConfig | None = None) -> list[dict]:

@@ -17,12 +17,14 @@ from typing import Protocol
 import torch
 
 from keel.config import ResilienceConfig
-from keel.distributed import Sync
+from keel.distributed import FSDP, Sync
 from keel.distributed.world import elastic_restart
-from keel.resilience.checkpoint import Checkpointer, read
+from keel.errors import KeelError
+from keel.resilience.checkpoint import Checkpointer, folder_name, load_shards, read, shard_group
 from keel.resilience.faults import Injector
 from keel.resilience.guard import SpikeDetector, Watchdog
-from keel.resilience.ranks import gather_state, rank_state
+from keel.resilience.ranks import gather_state, rank_state, restarted_parts, saved_world_size
+from keel.resilience.state import load_sharded_state, sharded_state
 from keel.runlog import RunLog, progress, read_jsonl
 from keel.trackers import open_trackers
 
@@ -37,6 +39,8 @@ class Trainer(Protocol):
     step_idx: int  # steps taken; the loop runs until it reaches the stage's total
     sync: Sync     # how ranks keep in step (a single process too): the loop's collectives go through it
     cfg: object    # the stage's config; its report_to trackers get the metrics rows and the config itself
+    model: torch.nn.Module              # under sync: fsdp the loop checkpoints these two itself, sharded
+    optimizer: torch.optim.Optimizer
 
     def step(self, injector: Injector, apply: bool = True) -> dict:
         """Take step `step_idx + 1` and return its metrics row; with apply=False draw the step's
@@ -56,18 +60,27 @@ def fired_faults(out: Path) -> set[str]:
     return {e["fault"] for e in read_jsonl(Path(out) / "events.jsonl") if e.get("event") == "fault_injected"}
 
 
+def sharded_checkpoints(sync: Sync) -> bool:
+    """Whether the run's checkpoints hold the model and optimizer as each rank's shards (DCP):
+    under sync: fsdp, where they are the same model on every rank (one process included, so that
+    a run can resume on more ranks)."""
+    return isinstance(sync, FSDP) and not {"model", "optimizer"} & set(sync.rank_local)
+
+
 def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
                after_step=None) -> list[dict]:
     """Train until `trainer.step_idx == total`. Under torchrun every rank runs this loop; rank 0
-    writes the metrics, the checkpoints (with every rank's own state gathered in) and the progress
-    bar, and runs `after_step` (evaluation); rank r keeps its events in OUT/rank<r>/."""
+    writes the metrics, the checkpoints (with every rank's own state gathered in; under sync: fsdp
+    each rank adds its own shards of the model and optimizer) and the progress bar, and runs
+    `after_step` (evaluation); rank r keeps its events in OUT/rank<r>/."""
     out = Path(out)
     sync = trainer.sync
     world = sync.world
     log = RunLog(out if world.main else out / f"rank{world.rank}",
                  trackers=open_trackers(trainer.cfg, out, stage) if world.main else [])
+    sharded = sharded_checkpoints(sync)
     ckpt = Checkpointer(out / "checkpoints", log, res.checkpoint_every, res.checkpoint_seconds, res.keep,
-                        res.async_checkpoint)
+                        res.async_checkpoint, main=world.main, group=shard_group() if sharded else None)
     injector = Injector(res.inject or os.environ.get("KEEL_FAULTS", ""), log, fired_faults(log.out), world.rank)
     ckpt.on_saved = injector.after_checkpoint
     spikes = SpikeDetector(res.spike_zscore, res.spike_window)
@@ -76,13 +89,27 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
 
     def restore(reason: str) -> bool:
         # Rank 0 picks the checkpoint (it may have one still being written), the others follow.
+        ckpt.wait()
         found = ckpt.latest_path() if world.main else None
         choice = torch.tensor([-1 if found is None else int(found.name)], device=sync.comm.device)
         step = int(sync.comm.broadcast(choice, "control").item())
         if step < 0:
             return False
-        tensors, state = read(ckpt.folder / f"{step:08d}")
-        tensors, meta = rank_state(tensors, state["trainer"], sync.rank_local, world.rank, world.size)
+        path = ckpt.folder / folder_name(step)
+        tensors, state = read(path)
+        fresh = None
+        if "sharded" in state:
+            if not sharded:
+                raise KeelError(f"{path} holds sharded model and optimizer state (written under sync: fsdp): resume "
+                                "with sync: fsdp, or start a fresh run", field="distributed.sync")
+            fresh = restore_shards(path, state["sharded"])
+            tensors |= {g: t for g, t in fresh[0].items() if g not in sync.rank_local}  # now the checkpoint's
+            state["trainer"]["optimizer"] = fresh[1]["optimizer"]
+        saved = saved_world_size(state["trainer"])
+        tensors, meta = rank_state(tensors, state["trainer"], sync.rank_local, world.rank, world.size, fresh)
+        if saved != world.size:
+            log.event("reshard", stage=stage, step=step, saved_world_size=saved, world_size=world.size,
+                      restarted=restarted_parts(sync.rank_local, world.rank, saved))
         trainer.load_state(tensors, meta)
         sync.load_state(tensors.get("sync", {}), meta.get("sync", {}))
         spikes.history = state["spikes"]
@@ -94,14 +121,40 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
         log.event(reason, stage=stage, step=trainer.step_idx)
         return True
 
-    def save() -> None:
+    def restore_shards(path: Path, saved: dict) -> tuple[dict, dict]:
+        """Every rank loads its shards of a sharded checkpoint (DCP reshards them onto this run's
+        ranks) into the model, optimizer and the other parts that are the same on every rank; returns
+        the trainer's state as it now is, for `trainer.load_state` to take back unchanged, with this
+        run's fresh rank-local parts (what restarts from the seed on another number of ranks)."""
+        tensors, _ = live_state()
+        targets, _ = sharded_state(trainer.model, trainer.optimizer, with_optimizer=saved["optimizer"]["param_groups"]
+                                   is not None)
+        targets |= {g: t for g, t in tensors.items() if g not in sync.rank_local and g not in targets}
+        load_shards(path, targets, ckpt.group)
+        load_sharded_state(trainer.model, trainer.optimizer, targets, saved["optimizer"])
+        return live_state()
+
+    def live_state() -> tuple[dict, dict]:
         tensors, meta = trainer.state()
         sync_tensors, sync_meta = sync.state()
-        gathered = gather_state({**tensors, "sync": sync_tensors}, {**meta, "sync": sync_meta},
-                                sync.rank_local, sync.comm)
+        return {**tensors, "sync": sync_tensors}, {**meta, "sync": sync_meta}
+
+    def save() -> None:
+        tensors, meta = live_state()
+        shards, extra = None, {}
+        if sharded:  # every rank writes its own shards; what differs between ranks is gathered as below
+            shards, optimizer_meta = sharded_state(trainer.model, trainer.optimizer)
+            shards |= {g: t for g, t in tensors.items() if g not in sync.rank_local and g not in shards}
+            tensors = {g: t for g, t in tensors.items() if g in sync.rank_local}
+            meta = {k: v for k, v in meta.items() if k != "optimizer"}
+            extra = {"sharded": {"optimizer": optimizer_meta}}
+        gathered = gather_state(tensors, meta, sync.rank_local, sync.comm)
         if gathered is not None:
             tensors, meta = gathered
-            ckpt.save(trainer.step_idx, tensors, {"trainer": meta, "spikes": spikes.history, "skip": sorted(skip)})
+            ckpt.save(trainer.step_idx, tensors,
+                      {"trainer": meta, "spikes": spikes.history, "skip": sorted(skip), **extra}, shards)
+        elif sharded:
+            ckpt.save(trainer.step_idx, None, None, shards)
 
     log.event("run_start", stage=stage, pid=os.getpid(), rank=world.rank, world_size=world.size)
     if not ((res.resume or elastic_restart()) and restore("resume")):

@@ -10,6 +10,7 @@ the attention mask) get padded rows instead, one sequence per row, with a one-li
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import re
 import time
@@ -29,8 +30,8 @@ from keel.models import enable_gradient_checkpointing, packs_exactly, render_pro
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
-                                   optimizer_state, rng_state, set_rng_state)
+from keel.resilience.state import (check_frozen, frozen_digest, is_sharded, load_model_state, load_optimizer_state,
+                                   model_state, optimizer_state, rng_state, set_rng_state)
 from keel.runlog import console
 from keel.tasks import get_task
 from keel.train.loop import train_loop
@@ -134,6 +135,14 @@ class Batches(Epochs):
             self.cursor += 1
 
 
+def whole_logits_if_sharded(model) -> float:
+    """The logits budget for `model`: LOGITS_BUDGET, past which the LM head runs in chunks, or for
+    a model sharded by FSDP2 no limit. FSDP gathers the root's weights (embeddings, final norm, LM
+    head) in the model's own forward, and the chunked head runs the decoder and the head apart from
+    it, on shards; a sharded model computes whole logits instead (micro_batch_tokens bounds them)."""
+    return math.inf if is_sharded(model) else LOGITS_BUDGET
+
+
 def completion_loss(model, batch: Packed, logits_budget: int = LOGITS_BUDGET) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over completion tokens, and how many there were. Past
     `logits_budget` elements of logits, only the completion positions go through the LM head, in
@@ -168,6 +177,7 @@ class SFTTrainer:
         enable_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
         packs = packs_exactly(self.model, cfg.batch_tokens)  # before any wrapping: a plain local forward
         self.sync = make_sync(cfg.distributed, self.model, self.device)
+        self.logits_budget = whole_logits_if_sharded(self.model)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         task = get_task(cfg.task, **cfg.task_options)
         examples = drop_thinking(task.examples("train", cfg.examples, seed=cfg.seed), cfg.drop_thinking, cfg.seed)
@@ -208,7 +218,8 @@ class SFTTrainer:
                 start = starts[i] if i < len(starts) else 0
                 micro = batch.rows(start, start + rows, self.device)
                 with autocast(self.device, self.cfg.dtype):
-                    micro_loss, n = completion_loss(self.model, micro)
+                    micro_loss, n = self.sync.run(lambda m: completion_loss(m, micro, self.logits_budget),
+                                                  last=i == passes - 1)
                 weight = n / n_tokens if i < len(starts) else 0.0  # a token mean over the micro-batch -> over the batch
                 weighted = micro_loss * weight
                 (weighted * share * loss_scale).backward()
@@ -241,9 +252,10 @@ class SFTTrainer:
 
 
 def sft(model, tokenizer, cfg: SFTConfig, out: str | Path) -> list[dict]:
-    """Train `model` in place; metrics and checkpoints go to `out`. Returns the metrics rows."""
+    """Train `model` in place; metrics and checkpoints go to `out`. Returns the metrics rows.
+    Under fsdp `model` is left sharded over the ranks: `distributed.sync.full_state` gathers it
+    (train/stage.py does, for OUT/model)."""
     trainer = SFTTrainer(model, tokenizer, cfg)
     rows = train_loop(trainer, out, cfg.resilience, cfg.steps, "sft")
-    trainer.sync.unshard_model()  # fsdp: full weights back in `model`, for OUT/model
     model.eval()
     return rows

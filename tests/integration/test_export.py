@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from keel.config import ServeConfig
+from keel.errors import KeelError
 from keel.models import init_model, render_prompt, save_model, special_ids
 from keel.engine.sampler import SamplingParams
 from keel.serve.app import background_server, create_app, load_served
@@ -44,8 +45,8 @@ def exported(tmp_path_factory):
     model, tok = init_model("qwen3", layers=2, hidden=64, seed=1)
     save_model(model, tok, root / "model")
     cfg = ParityConfig(n=6, max_new_tokens=8, batch=4)
-    result, fails = run_parity(root / "model", "torch:cpu:fp32", ["onnxruntime:cpu:fp32", "torch:cpu:bf16"],
-                               root / "parity", cfg)
+    result, fails = run_parity(root / "model", "torch:cpu:fp32",
+                               ["onnxruntime:cpu:fp32", "torch:cpu:bf16", "onnxruntime:cpu:int8"], root / "parity", cfg)
     return root, result, fails
 
 
@@ -73,11 +74,14 @@ def test_parity_json_and_table(exported, capsys):
     from keel.export.parity import format_table
 
     saved = json.loads((root / "parity" / "parity.json").read_text())
-    assert saved["candidates"].keys() == {"onnxruntime:cpu:fp32", "torch:cpu:bf16"}
+    assert saved["candidates"].keys() == {"onnxruntime:cpu:fp32", "torch:cpu:bf16", "onnxruntime:cpu:int8"}
     ort = saved["candidates"]["onnxruntime:cpu:fp32"]
     assert ort["greedy_match"] == 1.0 and ort["max_abs_logit_delta"] < 1e-4 and ort["topk_containment"] == 1.0
     bf16 = saved["candidates"]["torch:cpu:bf16"]
     assert 1e-4 < bf16["max_abs_logit_delta"] < 1.0  # bf16 really is a different computation
+    # the int8 rollout sampler's graph: the report states the mismatch it would bring to RL
+    int8 = saved["candidates"]["onnxruntime:cpu:int8"]
+    assert 1e-3 < int8["max_abs_logit_delta"] < 1.0 and 0 <= int8["greedy_match"] <= 1
     assert fails == [] and saved["failed"] == []
     table = format_table(result)
     assert "onnxruntime:cpu:fp32" in table and "100.0%" in table
@@ -121,3 +125,20 @@ def test_server_on_the_onnxruntime_backend(exported):
             texts.append(c.completions.create(model="tiny-onnx", prompt="12+34\n", max_tokens=6, temperature=0)
                          .choices[0].text)
     assert served.backend.name == "onnxruntime:cpu:fp32" and texts[0] == texts[1]
+
+
+def test_serve_takes_parity_specs(exported):
+    """`keel serve --backend onnxruntime:cpu:int8` over the int8 export parity made, and over the HF
+    directory (exported in memory into the same graph): the same greedy tokens."""
+    root, _, _ = exported
+    int8_dir = root / "parity" / "onnx-int8"
+    assert json.loads((int8_dir / "keel_onnx.json").read_text())["dtype"] == "int8"
+    spec = ServeConfig(backend="onnxruntime:cpu:int8", model_name="tiny")
+    from_export, from_hf = load_served(int8_dir, spec), load_served(root / "model", spec)
+    assert from_export.backend.name == from_hf.backend.name == "onnxruntime:cpu:int8"
+    eos, _ = special_ids(from_hf.tokenizer)
+    prompts = [render_prompt(from_hf.tokenizer, q) for q in ["12+34", "999+1"]]
+    runs = [generate(s.backend, prompts, SamplingParams(0.0, 1.0, 8), eos_id=eos) for s in (from_export, from_hf)]
+    assert [r.tokens for r in runs[0]] == [r.tokens for r in runs[1]]
+    with pytest.raises(KeelError, match="holds a int8 ONNX graph, not int4"):
+        load_served(int8_dir, ServeConfig(backend="onnxruntime:cpu:int4"))

@@ -93,7 +93,9 @@ def pipeline(tmp_path_factory, one_thread):
     (root / "sft.yaml").write_text("examples: 24\nbatch_tokens: 256\nwarmup: 1\nlr: 0.01\n")
     keel("sft", "--model", root / "init", "--out", root / "sft", "--task", root / "train.jsonl", "--steps", 3,
          "--recipe", root / "sft.yaml", "--device", "cpu")
-    (root / "rl.yaml").write_text("prompts_per_step: 2\ngroup_size: 2\nmax_new_tokens: 12\n")
+    # beta > 0: every row trains (a random model's rewards are all 0, and rows of zero advantage
+    # are skipped without a KL term), so the entropy below is measured on every rollout
+    (root / "rl.yaml").write_text("prompts_per_step: 2\ngroup_size: 2\nmax_new_tokens: 12\nbeta: 0.01\n")
     keel("rl", "--model", root / "sft" / "model", "--out", root / "rl", "--steps", 2, "--recipe", root / "rl.yaml",
          "-o", "digits=1", "--device", "cpu")
     return root

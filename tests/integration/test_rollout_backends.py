@@ -5,6 +5,7 @@ resume exactly."""
 import copy
 import dataclasses
 import shutil
+import statistics
 import sys
 
 import pytest
@@ -12,32 +13,21 @@ import torch
 
 from keel.cli import main
 from keel.completions import complete
-from keel.config import ResilienceConfig, RLConfig, RolloutConfig, SFTConfig
+from keel.config import ResilienceConfig, RLConfig, RolloutConfig
 from keel.engine.backends import OrtBackend, rollout_section
 from keel.engine.sampler import SamplingParams
-from keel.models import init_model, save_model
+from keel.models import save_model
 from keel.resilience import checkpoint
 from keel.rl.trainer import RLTrainer, rl
 from keel.runlog import read_jsonl
 from keel.tasks import get_task
 from keel.train.loop import TIMING_KEYS, train_loop
-from keel.train.sft import sft
 
 TASK = {"digits": 2}
 # A run that learns in seconds: the held-out reward (correct + format of samples) rises.
 LEARN = dict(steps=40, prompts_per_step=4, updates_per_batch=1, beta=0.0, format_weight=1.0)
 NEW_KEYS = {"weight_sync_s", "mismatch_kl", "mismatch_k3", "correction_share", "ess"}
-
-
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A 2-layer Qwen3 SFT'd on bare 2-digit answers just enough that sampled rewards vary (the
-    greedy answers are well formed, samples at temperature 1 are only sometimes)."""
-    torch.set_num_threads(1)
-    model, tokenizer = init_model("qwen3", layers=2, hidden=64, seed=0)
-    sft(model, tokenizer, SFTConfig(task_options=TASK, examples=400, steps=40, batch_tokens=1024,
-                                    drop_thinking=1.0), tmp_path_factory.mktemp("sft"))
-    return model, tokenizer
+INT8_LOGIT_TOLERANCE = 0.05  # max |logit gap| of the int8 sampler to the fp32 trainer on the tiny model (measured 0.014)
 
 
 def cfg(**changes) -> RLConfig:
@@ -98,9 +88,9 @@ def test_rl_with_the_onnxruntime_sampler_learns_and_follows_training_without_re_
     model, tok = sft_model
     trainer = RLTrainer(copy.deepcopy(model), tok, cfg(**LEARN, rollout=RolloutConfig(backend="onnxruntime")))
     assert isinstance(trainer.sampler, OrtBackend) and trainer.correction == "tis"
-    session = trainer.sampler.session
+    graph = trainer.sampler.proto
     rows = [trainer.step() for _ in range(trainer.cfg.steps)]
-    assert trainer.sampler.session is session  # one graph, one session: only the weight inputs change
+    assert trainer.sampler.proto is graph  # exported once: every sync opens a session over the same graph
     stale = logits_gap(trainer)
     trainer.sync_sampler()
     assert logits_gap(trainer) < 1e-4 < stale
@@ -109,6 +99,42 @@ def test_rl_with_the_onnxruntime_sampler_learns_and_follows_training_without_re_
     for row in rows:  # an fp32 graph against fp32 torch: the mismatch is float rounding
         assert abs(row["mismatch_kl"]) < 1e-5 and 0 <= row["mismatch_k3"] < 1e-6 and row["ess"] > 0.99999
         assert row["correction_share"] == 0.0 and row["weight_sync_s"] >= 0
+
+
+def logits(backend, ids) -> torch.Tensor:
+    mask, pos = torch.ones_like(ids), torch.arange(ids.shape[1])[None]
+    return backend.forward(ids, mask, pos, backend.empty_past(1))[0]
+
+
+def test_int8_sampler_gets_the_weights_quantized_as_onnxruntime_quantizes_them(sft_model):
+    """After k optimizer steps and a sync, the int8 sampler (fed weights re-quantized in numpy) computes
+    exactly what ONNX Runtime's own quantize_dynamic makes of the trainer's weights, and what the
+    trainer computes to int8's tolerance."""
+    model, tok = sft_model
+    trainer = RLTrainer(copy.deepcopy(model), tok, cfg(rollout=RolloutConfig(backend="onnxruntime", dtype="int8")))
+    assert trainer.sampler.name == "onnxruntime:cpu:int8" and trainer.correction == "tis"
+    graph = trainer.sampler.proto
+    for _ in range(2):
+        trainer.step()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    fresh = OrtBackend.from_model(trainer.model, dtype="int8")  # the tool quantizes today's weights
+    assert not torch.equal(logits(trainer.sampler, ids), logits(fresh, ids))  # stale: the last update since
+    trainer.sync_sampler()
+    assert torch.equal(logits(trainer.sampler, ids), logits(fresh, ids))
+    assert trainer.sampler.proto is graph  # never re-exported nor re-quantized by the tool
+    assert 1e-4 < logits_gap(trainer) < INT8_LOGIT_TOLERANCE
+
+
+def test_rl_with_the_int8_onnxruntime_sampler_learns(sft_model):
+    model, tok = sft_model
+    trainer = RLTrainer(copy.deepcopy(model), tok, cfg(**LEARN, rollout=RolloutConfig(backend="onnxruntime",
+                                                                                      dtype="int8")))
+    rows = [trainer.step() for _ in range(trainer.cfg.steps)]
+    before, after = held_out_reward(model, tok), held_out_reward(trainer.model, tok)
+    assert after >= before + 0.15, (before, after)
+    # int8 is another policy, close to the trainer's: a mismatch well above the fp32 graph's rounding
+    # (< 1e-6 a step, above), which TIS corrects
+    assert statistics.mean(row["mismatch_k3"] for row in rows) > 2e-6 and all(row["ess"] > 0.999 for row in rows)
 
 
 def held_out_reward(model, tok, n=48, k=4) -> float:
@@ -152,10 +178,11 @@ def test_resume_with_a_rollout_backend_is_exact(sft_model, tmp_path):
 def test_rollout_flag_takes_parity_backend_specs(sft_model, tmp_path, monkeypatch, capsys):
     assert rollout_section("onnxruntime:cpu:fp32") == {"backend": "onnxruntime", "provider": "cpu", "dtype": "fp32"}
     assert rollout_section("torch:cuda:bf16") == {"backend": "torch", "device": "cuda", "dtype": "bf16"}
+    assert rollout_section("onnxruntime:cpu:int4") == {"backend": "onnxruntime", "provider": "cpu", "dtype": "int4"}
     model, tok = sft_model
     save_model(model, tok, tmp_path / "model")
-    for args, message in [(["--rollout", "vllm:cpu"], "backend spec 'vllm:cpu'"),
-                          (["--rollout", "onnxruntime:cpu:bf16"], "fp32 graphs"),
+    for args, message in [(["--rollout", "tensorflow:cpu"], "backend spec 'tensorflow:cpu'"),
+                          (["--rollout", "onnxruntime:cpu:bf16"], "onnxruntime runs dtype fp32 | fp16 | int8 | int4"),
                           (["--correction", "is"], "unknown correction 'is'")]:
         monkeypatch.setattr(sys, "argv", ["keel", "rl", "--model", str(tmp_path / "model"), "--out",
                                           str(tmp_path / "out"), *args])

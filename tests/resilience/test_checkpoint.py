@@ -187,3 +187,160 @@ def test_a_spike_is_a_rise_not_a_fall():
         detector.accept({"loss": loss})
     assert detector.is_spike({"loss": 4.45}) is None  # 7 std below: progress
     assert detector.is_spike({"loss": 4.75}) == "loss 4.75 vs mean 4.603 ± 0.0179"
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints (issue 14, item 3)
+
+def sharded_checkpoints(tmp_path, steps=(1, 2)):
+    """Checkpoints in the sharded layout, written by one process through DCP (as sync: fsdp does)."""
+    ckpt = Checkpointer(tmp_path / "c", RunLog(tmp_path), every=1, keep=5)
+    for step in steps:
+        live = tree()
+        ckpt.save(step, {"rng": live.pop("rng")}, {"step": step, "sharded": {}}, shards=live)
+    return ckpt
+
+
+def load(path):
+    targets = {"model": {k: torch.zeros_like(v) for k, v in tree()["model"].items()}}
+    checkpoint.load_shards(path, targets, None)
+    return targets
+
+
+def test_a_sharded_checkpoint_verifies_and_loads_back(tmp_path):
+    ckpt = sharded_checkpoints(tmp_path)
+    path = ckpt.latest_path()
+    assert path.name == "00000002" and checkpoint.verify(path) is None
+    assert sorted(json.loads((path / "manifest.json").read_text())["files"]) == [
+        "dcp/.metadata", "dcp/__0_0.distcp", "state.json", "tensors.safetensors"]
+    assert all(torch.equal(load(path)["model"][k], v) for k, v in tree()["model"].items())
+    tensors, state = checkpoint.read(path)
+    assert set(tensors) == {"rng"} and state == {"step": 2, "sharded": {}}
+
+
+def flip_a_shard_byte(path):
+    shard = path / "dcp/__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+
+
+def add_a_shard_file(path):
+    (path / "dcp/__1_0.distcp").write_bytes(b"x")  # not in the manifest
+
+
+def add_a_file_dcp_does_not_write(path):
+    (path / "dcp/notes.txt").write_bytes(b"x")
+    rewrite_manifest(path, lambda m: m["files"].update({"dcp/notes.txt": entry(path / "dcp/notes.txt")}))
+
+
+def drop_the_metadata(path):
+    (path / "dcp/.metadata").unlink()
+    rewrite_manifest(path, lambda m: m["files"].pop("dcp/.metadata"))
+
+
+def unshard_the_state(path):
+    (path / "state.json").write_text(json.dumps({"step": 2}))
+    rewrite_manifest(path, lambda m: m["files"].update({"state.json": entry(path / "state.json")}))
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def metadata_that_runs_code(path):
+    import pickle
+
+    (path / "dcp/.metadata").write_bytes(pickle.dumps(Boom()))
+    rewrite_manifest(path, lambda m: m["files"].update({"dcp/.metadata": entry(path / "dcp/.metadata")}))
+
+
+def metadata_that_reaches_os(path):
+    """DCP's metadata module imports os: a pickle may name `os` through it."""
+    (path / "dcp/.metadata").write_bytes(b"ctorch.distributed.checkpoint.metadata\nos\n.")
+    rewrite_manifest(path, lambda m: m["files"].update({"dcp/.metadata": entry(path / "dcp/.metadata")}))
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (flip_a_shard_byte, "dcp/__0_0.distcp fails its checksum"),
+    (add_a_shard_file, "the manifest does not list exactly the checkpoint's files"),
+    (add_a_file_dcp_does_not_write, "dcp holds file(s) DCP does not write"),
+    (drop_the_metadata, "dcp lacks DCP's .metadata or its shard files"),
+    (unshard_the_state, "state.json and the dcp folder disagree on whether the checkpoint is sharded"),
+    (metadata_that_runs_code, "unreadable checkpoint (UnpicklingError)"),
+    (metadata_that_reaches_os, "unreadable checkpoint (UnpicklingError)")])
+def test_a_bad_sharded_checkpoint_falls_back_to_the_previous(tmp_path, tamper, problem, capsys):
+    ckpt = sharded_checkpoints(tmp_path)
+    tamper(ckpt.folder / "00000002")
+    assert ckpt.latest_path() == ckpt.folder / "00000001"
+    ckpt.log.close()
+    (event,) = [e for e in read_jsonl(tmp_path / "events.jsonl") if e["event"] == "corrupt_checkpoint"]
+    assert event["path"] == str(ckpt.folder / "00000002") and event["problem"] == problem
+    assert "unpickled" not in capsys.readouterr().out
+
+
+def test_a_temp_folder_left_by_a_crash_is_ignored_and_removed(tmp_path):
+    ckpt = sharded_checkpoints(tmp_path)
+    # killed while writing step 3: a whole-looking copy, and a torn one of the pid-suffixed kind
+    shutil.copytree(ckpt.folder / "00000002", ckpt.folder / ".tmp-00000003")
+    (ckpt.folder / ".tmp-00000004-123").mkdir()
+    (ckpt.folder / ".tmp-notes").mkdir()  # not a name keel gives: not keel's to remove
+    assert ckpt.latest_path() == ckpt.folder / "00000002"
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == [".tmp-notes", "00000001", "00000002"]
+
+
+def test_rank_state_reshards_only_when_given_fresh_parts():
+    from keel.errors import KeelError
+    from keel.resilience.ranks import rank_state
+
+    tensors = {"sync": {}, "rng@0": {"s": 0}, "rng@1": {"s": 1}}
+    meta = {"step": 4, "world_size": 2, "data@0": {"cursor": 3}, "data@1": {"cursor": 7}, "rng@0": {"p": 0}, "rng@1": {"p": 1}}
+    with pytest.raises(KeelError, match="written by 2 rank"):  # ddp and diloco: refused
+        rank_state(tensors, meta, ("rng", "data"), 0, 1)
+    fresh = ({"rng": {"s": 9}}, {"data": {"cursor": 0}, "rng": {"p": 9}})
+    t, m = rank_state(tensors, meta, ("rng", "data"), 0, 1, fresh)  # 2 -> 1: rank 0's RNG, the seed's data
+    assert t == {"sync": {}, "rng": {"s": 0}} and m == {"step": 4, "world_size": 2, "data": {"cursor": 0}, "rng": {"p": 0}}
+    plain = ({"rng": {"s": 5}}, {"step": 4, "data": {"cursor": 3}, "rng": {"p": 5}})  # written by one process
+    # 1 -> 2: rank 0 keeps the one rank's RNG; rank 1 has none saved and restarts it from the seed
+    # (taking rank 0's would give two ranks the same streams); both restart their data.
+    t, m = rank_state(*plain, ("rng", "data"), 0, 2, fresh)
+    assert t == {"rng": {"s": 5}} and m == {"step": 4, "data": {"cursor": 0}, "rng": {"p": 5}}
+    t, m = rank_state(*plain, ("rng", "data"), 1, 2, fresh)
+    assert t == {"rng": {"s": 9}} and m == {"step": 4, "data": {"cursor": 0}, "rng": {"p": 9}}
+
+
+def test_shards_the_metadata_names_must_all_be_there(tmp_path):
+    """Ranks on machines without a shared filesystem write their shards where rank 0 cannot see them:
+    that checkpoint is refused when written, and when read."""
+    ckpt = sharded_checkpoints(tmp_path)
+    path = ckpt.folder / "00000002"
+    (path / "dcp/__0_0.distcp").rename(tmp_path / "elsewhere.distcp")
+    rewrite_manifest(path, lambda m: m["files"].pop("dcp/__0_0.distcp"))
+    (path / "dcp/__1_0.distcp").write_bytes(b"x")  # the file pattern holds, with a shard of another rank
+    rewrite_manifest(path, lambda m: m["files"].update({"dcp/__1_0.distcp": entry(path / "dcp/__1_0.distcp")}))
+    assert checkpoint.verify(path) == "dcp/__0_0.distcp missing (named by DCP's .metadata)"
+    from keel.errors import KeelError
+
+    tmp = checkpoint.temp_path(ckpt.folder, 3)
+    shutil.copytree(path, tmp)
+    with pytest.raises(KeelError, match="filesystem they all share"):
+        checkpoint.write(ckpt.folder, 3, {}, {"step": 3, "sharded": {}}, tmp)
+    assert checkpoint.step_of(checkpoint.listing(ckpt.folder)[0]) == 2
+
+
+def test_sharded_state_before_the_first_step_leaves_the_optimizer_untouched():
+    """torch creates missing optimizer state by a step of zero gradients (AdamW's step count 1):
+    a checkpoint before any applied step must not do that, nor must resuming from it."""
+    from keel.resilience.state import load_sharded_state, sharded_state
+
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    tensors, meta = sharded_state(lin, opt)
+    assert not opt.state and tensors["optimizer"] == {} and meta["param_groups"] is None
+    lin(torch.ones(1, 2)).sum().backward()
+    opt.step()  # a later step, then a rollback to that checkpoint
+    load_sharded_state(lin, opt, tensors, meta)
+    assert not opt.state
+    filled, filled_meta = sharded_state(lin, opt, with_optimizer=True)  # targets for a checkpoint with moments
+    assert float(filled["optimizer"]["weight"]["step"]) == 1 and [g["params"] for g in filled_meta["param_groups"]] == [
+        ["weight", "bias"]]

@@ -108,12 +108,23 @@ def test_auto_is_tis_unless_the_sampler_is_the_trainer():
     assert resolve_correction("icepop", sampler_is_trainer=True) == "icepop"
 
 
+def test_auto_is_tis_when_the_sampler_runs_a_step_behind():
+    # async_steps 1: the same computation, but on the weights before the last update: off-policy
+    assert resolve_correction("auto", sampler_is_trainer=True, async_steps=1) == "tis"
+    assert resolve_correction("none", sampler_is_trainer=True, async_steps=1) == "none"
+    for data in ({"async_steps": 2}, {"async_steps": -1}, {"async_steps": 1, "lora": {}}):
+        with pytest.raises(KeelError) as e:
+            from_dict(RLConfig, data)
+        assert e.value.field == "async_steps", data
+    assert RLConfig().async_steps == 0
+
+
 def test_config_validates_correction_and_rollout():
     cfg = from_dict(RLConfig, {"rollout": {"backend": "onnxruntime"}, "correction": "icepop", "icepop_low": 0.4})
     assert cfg.rollout == RolloutConfig(backend="onnxruntime") and cfg.correction == "icepop"
     assert RLConfig().rollout is None and RLConfig().correction == "auto"  # default: today's path
     bad = [({"correction": "is"}, "correction"), ({"correction_cap": 0.5}, "correction_cap"),
-           ({"icepop_low": 1.5}, "icepop_low"), ({"rollout": {"backend": "vllm"}}, "rollout.backend"),
+           ({"icepop_low": 1.5}, "icepop_low"), ({"rollout": {"backend": "tensorrt"}}, "rollout.backend"),
            ({"rollout": {"backend": "onnxruntime", "dtype": "bf16"}}, "rollout.dtype"),
            ({"rollout": {"backend": "onnxruntime", "device": "cuda"}}, "rollout.device")]
     for data, field in bad:

@@ -7,10 +7,16 @@ import torch
 
 from keel.errors import KeelError
 from keel.logprobs import entropy_BT, token_logprobs
+import copy
 import dataclasses
 
-from keel.config import LOSSES, get_loss
-from keel.rl.losses import policy_loss
+from keel.config import LOSSES, RLConfig, RolloutConfig, get_loss
+from keel.engine.sampler import completion_logprobs
+from keel.models import init_model, special_ids
+from keel.rl.advantages import group_advantages
+from keel.rl.correction import correction_weights
+from keel.rl.trainer import Batch, RLTrainer
+from keel.rl.losses import batch_units, policy_loss, rows_with_gradient
 
 def spec(kind: str, eps_low: float, eps_high: float):
     """Loss `kind` as published, with the given clip range."""
@@ -329,3 +335,114 @@ def test_correction_weights_scale_each_token_and_keep_the_normaliser():
     # token (1,0) is clipped too; token (1,1) has weight 1: -(-1) * 1.5 / 4.
     assert logp.grad.tolist()[0] == pytest.approx([-0.5 * 1.1 / 6, 0.0, -1 * 0.5 / 6], abs=1e-12)
     assert logp.grad.tolist()[1] == pytest.approx([0.0, 1.5 / 4, 0.0], abs=1e-12)
+
+
+# ---- skipping rows without gradient (rows_with_gradient) --------------------------------------
+
+
+def test_rows_with_gradient_are_those_with_nonzero_advantage_unless_a_kl_term_needs_all():
+    adv = torch.tensor([0.0, 0.7, -0.0, -1e-30, 0.0])
+    assert rows_with_gradient(adv, beta=0.0) == [1, 3]  # exactly zero only: a tiny advantage still trains
+    assert rows_with_gradient(adv, beta=0.01) == [0, 1, 2, 3, 4]
+    assert rows_with_gradient(torch.zeros(3), beta=0.0) == []
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_a_zero_advantage_row_has_exactly_zero_gradient_whatever_its_ratios_and_weights(kind):
+    """The shared batch with sequence 1's advantage set to 0 (its ratios 0.5 and 1.5 sit outside the
+    clip band, its correction weights are arbitrary): its loss and gradient are exactly 0, and
+    sequence 0's are unchanged by it, so dropping the row while counting it keeps the loss."""
+    logp, old, _, mask = make_batch()
+    adv = torch.tensor([1.0, 0.0])
+    weight = torch.tensor([[0.5, 2.0, 1.0], [3.0, 0.25, 7.0]], dtype=torch.float64)
+    s = spec(kind, 0.2, 0.2)
+    loss, _ = policy_loss(logp, old, adv, mask, spec=s, norm_len=4, is_weight_BT=weight)
+    loss.backward()
+    assert logp.grad[1].tolist() == [0.0, 0.0, 0.0]
+    # Sequence 0 alone, weighed by its share of the units (1 of 2 sequences, or 3 of 5 tokens):
+    alone = logp.detach()[:1].clone().requires_grad_()
+    part, _ = policy_loss(alone, old[:1], adv[:1], mask[:1], spec=s, norm_len=4, is_weight_BT=weight[:1])
+    share = batch_units(s, [3]) / batch_units(s, [3, 2])
+    (part * share).backward()
+    assert (part * share).item() == pytest.approx(loss.item(), rel=1e-12)
+    assert alone.grad[0].tolist() == pytest.approx(logp.grad[0].tolist(), rel=1e-12, abs=1e-15)
+
+
+class GradientTap:
+    """An injector that fires no fault and keeps each update's gradients (after the ranks' average,
+    before clipping and the optimizer step)."""
+
+    def __init__(self):
+        self.grads = []
+
+    def loss_scale(self, step):
+        return 1.0
+
+    def before_update(self, step, model):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def hand_batch(tokenizer, seed=0):
+    """3 groups of 4 with random completions: groups 0 and 2 all rewarded alike (zero advantage),
+    group 1 mixed; the sampler's log-probs are made up (the correction weighs the loss)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(10, 60, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(3) for _ in range(4)]
+    prompts = [prompts[4 * (i // 4)] for i in range(12)]  # a group shares its prompt
+    completions = [torch.randint(10, 60, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(12)]
+    rewards = torch.tensor([1.0] * 4 + [1.0, 0.0, 0.0, 1.1] + [0.0] * 4)
+    logprobs = [(-torch.rand(len(c), generator=g) * 3).tolist() for c in completions]
+    return Batch(prompts, completions, rewards, rewards, torch.zeros(12), torch.ones(12, dtype=torch.bool), 12,
+                 logprobs)
+
+
+@pytest.mark.parametrize("micro_batch_tokens", [16384, 40])
+@pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_skipping_zero_advantage_rows_keeps_the_loss_and_gradient_of_the_whole_batch(kind, micro_batch_tokens):
+    """The trainer skips groups 0 and 2 (zero advantage, beta 0); its loss, gradient and clip_frac
+    equal the whole batch's, computed here in one forward with the same TIS correction."""
+    torch.manual_seed(0)
+    model, tok = init_model("qwen3", layers=2, hidden=64, seed=0)
+    cfg = RLConfig(loss=kind, group_size=4, prompts_per_step=3, beta=0.0, max_new_tokens=12, seed=0,
+                   micro_batch_tokens=micro_batch_tokens, rollout=RolloutConfig(dtype="bf16"), device="cpu")
+    trainer = RLTrainer(copy.deepcopy(model), tok, cfg)
+    batch, tap = hand_batch(tok), GradientTap()
+    row = trainer.update(batch, tap)
+    assert row["rows_skipped"] == 8 / 12 and trainer.correction == "tis"
+
+    _, pad_id = special_ids(tok)
+    logp, mask, _ = completion_logprobs(model, batch.prompts, batch.completions, pad_id=pad_id)
+    old = logp.detach()
+    weight, _ = correction_weights(old - batch.sampling_logprobs("cpu"), mask, "tis")
+    adv = group_advantages(batch.rewards_B, 4, scale_by_std=cfg.loss_spec.scale_by_std)
+    assert (adv[:4] == 0).all() and (adv[8:] == 0).all() and (adv[4:8] != 0).all()
+    loss, stats = policy_loss(logp, old, adv, mask, spec=cfg.loss_spec, norm_len=12, is_weight_BT=weight)
+    loss.backward()
+    assert row["loss"] == pytest.approx(loss.item(), rel=1e-6, abs=1e-9)
+    assert row["clip_frac"] == pytest.approx(stats["clip_frac"], abs=1e-9)
+    (got,) = tap.grads
+    want = {n: p.grad for n, p in model.named_parameters()}
+    assert got.keys() == want.keys()
+    scale = max(g.abs().max().item() for g in want.values())
+    assert scale > 1e-4  # the mixed group trains
+    for name in want:
+        assert (got[name] - want[name]).abs().max().item() <= 1e-6 * max(1.0, scale), name
+
+
+def test_a_batch_without_any_gradient_still_steps_the_optimizer_on_zero_gradients():
+    """Every row skipped: each parameter gets a zero gradient (not none), so AdamW moves it by its
+    momentum and weight decay as for the unskipped batch, and a DDP rank takes part in the average."""
+    model, tok = init_model("qwen3", layers=2, hidden=64, seed=0)
+    trainer = RLTrainer(model, tok, RLConfig(group_size=4, prompts_per_step=2, beta=0.0, device="cpu"))
+    calls = []  # the collectives a DDP rank runs in an update: its loss share, then the gradient average
+    share, grads = trainer.sync.share, trainer.sync.grads
+    trainer.sync.share = lambda n: calls.append(("share", n)) or share(n)
+    trainer.sync.grads = lambda: calls.append(("grads", all(p.grad is not None for p in model.parameters()))) or grads()
+    batch, tap = hand_batch(tok).subset(list(range(4)) + list(range(8, 12))), GradientTap()
+    row = trainer.update(batch, tap)
+    assert calls == [("share", 8.0), ("grads", True)]  # counted in the global batch's units, gradients for all
+    assert row["rows_skipped"] == 1.0 and row["loss"] == 0.0 and row["grad_norm"] == 0.0
+    params = dict(model.named_parameters())
+    assert tap.grads[0].keys() == params.keys() and all((g == 0).all() for g in tap.grads[0].values())
+    assert all(trainer.optimizer.state[p]["step"] == 1 for p in params.values())

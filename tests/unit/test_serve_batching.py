@@ -93,6 +93,30 @@ def test_seeded_sampling_is_reproducible_and_stop_ids_end_rows(tiny):
     assert len(c[0].tokens) == a[0].tokens.index(stop) + 1
 
 
+def test_a_group_of_identical_prompts_is_prefilled_once_and_samples_as_if_alone(tiny):
+    _, tok, backend = tiny
+    eos, _ = special_ids(tok)
+    group = [render_prompt(tok, "12+34")] * 4 + [render_prompt(tok, "5")] * 2
+    params = SamplingParams(1.0, 1.0, 8)
+    prefills = []
+
+    class Counting:  # the backend, recording the length of each prefill it runs
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def forward(self, ids_BS, mask_BT, pos_BS, past):
+            if past[0].shape[2] == 0:
+                prefills.append(ids_BS.shape[1])
+            return backend.forward(ids_BS, mask_BT, pos_BS, past)
+
+    together = generate(Counting(), group, params, eos_id=eos, seed=11, max_batch=len(group))
+    assert prefills == [len(group[0]), len(group[4])]  # one prefill per distinct prompt
+    # Request i samples from seed 11 + i in both runs: alone (one row, its own prefill) it draws the same.
+    alone = [generate(backend, [p], params, eos_id=eos, seed=11 + i)[0].tokens for i, p in enumerate(group)]
+    assert [r.tokens for r in together] == alone
+    assert len({tuple(t) for t in alone[:4]}) > 1  # the group's samples differ: generators, not the cache, decide
+
+
 def test_submit_rejects_bad_prompts(tiny):
     _, tok, backend = tiny
     eos, _ = special_ids(tok)
