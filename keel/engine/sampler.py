@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from keel.errors import KeelError
 from keel.engine.kvcache import cache_kwarg, preallocated_cache
@@ -407,9 +408,13 @@ def output_head(model) -> tuple[Tensor, Tensor | None] | None:
 
 
 def chunked_head(model, positions: int, logits_budget: int) -> bool:
-    """Whether `positions` positions' logits are over the budget and the model's head can be chunked."""
+    """Whether `positions` positions' logits are over the budget and the model's head can be chunked.
+    Not a head sharded by FSDP2: FSDP gathers the root's weights (embeddings, final norm, head) in
+    the model's own forward, and the chunked head runs the decoder and the head apart from it; a
+    sharded model computes whole logits (the micro-batch size bounds them)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 0
-    return positions * vocab > logits_budget and output_head(model) is not None
+    head = output_head(model) if positions * vocab > logits_budget else None
+    return head is not None and not isinstance(head[0], DTensor)
 
 
 def head_logprobs(model, forward: dict, select_BT: Tensor, tokens_N: Tensor, temperature: float,

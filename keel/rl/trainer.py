@@ -50,7 +50,6 @@ from keel.engine.vllm_backend import VllmSampler
 from keel.engine.sampler import SamplingParams, completion_logprobs, packed_completion_logprobs
 from keel.tasks import get_task
 from keel.train.loop import train_loop
-from keel.train.sft import whole_logits_if_sharded
 
 TRAIN_POOL = 4096  # distinct training prompts drawn from a generated task
 RANK_SEED_STRIDE = 1_000_003  # rank r samples with seed + r * stride: its own stream, rank 0's as in one process
@@ -281,11 +280,9 @@ class RLTrainer:
         with autocast(self.device, self.cfg.dtype):
             if self.cfg.padding_free:
                 return packed_completion_logprobs(model, batch.prompts, batch.completions,
-                                                  temperature=self.cfg.temperature, with_entropy=with_entropy,
-                                                  logits_budget=whole_logits_if_sharded(model))
+                                                  temperature=self.cfg.temperature, with_entropy=with_entropy)
             return completion_logprobs(model, batch.prompts, batch.completions, pad_id=self.pad_id,
-                                       temperature=self.cfg.temperature, with_entropy=with_entropy,
-                                       logits_budget=whole_logits_if_sharded(model))
+                                       temperature=self.cfg.temperature, with_entropy=with_entropy)
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         """[B, C] log-probs of `batch`'s completions under the frozen initial policy, without grad:

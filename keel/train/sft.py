@@ -10,7 +10,6 @@ the attention mask) get padded rows instead, one sequence per row, with a one-li
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import re
 import time
@@ -30,8 +29,8 @@ from keel.models import enable_gradient_checkpointing, packs_exactly, render_pro
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
-from keel.resilience.state import (check_frozen, frozen_digest, is_sharded, load_model_state, load_optimizer_state,
-                                   model_state, optimizer_state, rng_state, set_rng_state)
+from keel.resilience.state import (check_frozen, frozen_digest, load_model_state, load_optimizer_state, model_state,
+                                   optimizer_state, rng_state, set_rng_state)
 from keel.runlog import console
 from keel.tasks import get_task
 from keel.train.loop import train_loop
@@ -135,24 +134,16 @@ class Batches(Epochs):
             self.cursor += 1
 
 
-def whole_logits_if_sharded(model) -> float:
-    """The logits budget for `model`: LOGITS_BUDGET, past which the LM head runs in chunks, or for
-    a model sharded by FSDP2 no limit. FSDP gathers the root's weights (embeddings, final norm, LM
-    head) in the model's own forward, and the chunked head runs the decoder and the head apart from
-    it, on shards; a sharded model computes whole logits instead (micro_batch_tokens bounds them)."""
-    return math.inf if is_sharded(model) else LOGITS_BUDGET
-
-
-def completion_loss(model, batch: Packed, logits_budget: int = LOGITS_BUDGET) -> tuple[torch.Tensor, int]:
+def completion_loss(model, batch: Packed, logits_budget: int | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over completion tokens, and how many there were. Past
-    `logits_budget` elements of logits, only the completion positions go through the LM head, in
-    chunks (engine.sampler.head_logprobs): the [B, T, V] logits are never built."""
+    `logits_budget` elements of logits (default LOGITS_BUDGET), only the completion positions go
+    through the LM head, in chunks (engine.sampler.head_logprobs): the [B, T, V] logits are never built."""
     forward = dict(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False)
     if batch.attention_mask_BT is not None:
         forward["attention_mask"] = batch.attention_mask_BT
     predicts_BT = batch.labels_BT != IGNORE
     n = int(predicts_BT.sum())
-    if chunked_head(model, batch.labels_BT.numel(), logits_budget):
+    if chunked_head(model, batch.labels_BT.numel(), LOGITS_BUDGET if logits_budget is None else logits_budget):
         logp_N, _ = head_logprobs(model, forward, predicts_BT, batch.labels_BT[predicts_BT], 1.0, False)
         return -logp_N.mean(), n
     logits = model(**forward).logits
@@ -177,7 +168,6 @@ class SFTTrainer:
         enable_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
         packs = packs_exactly(self.model, cfg.batch_tokens)  # before any wrapping: a plain local forward
         self.sync = make_sync(cfg.distributed, self.model, self.device)
-        self.logits_budget = whole_logits_if_sharded(self.model)
         rank, ranks = self.sync.world.rank, self.sync.world.size
         task = get_task(cfg.task, **cfg.task_options)
         examples = drop_thinking(task.examples("train", cfg.examples, seed=cfg.seed), cfg.drop_thinking, cfg.seed)
@@ -218,8 +208,7 @@ class SFTTrainer:
                 start = starts[i] if i < len(starts) else 0
                 micro = batch.rows(start, start + rows, self.device)
                 with autocast(self.device, self.cfg.dtype):
-                    micro_loss, n = self.sync.run(lambda m: completion_loss(m, micro, self.logits_budget),
-                                                  last=i == passes - 1)
+                    micro_loss, n = self.sync.run(lambda m: completion_loss(m, micro), last=i == passes - 1)
                 weight = n / n_tokens if i < len(starts) else 0.0  # a token mean over the micro-batch -> over the batch
                 weighted = micro_loss * weight
                 (weighted * share * loss_scale).backward()
