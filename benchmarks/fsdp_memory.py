@@ -12,12 +12,11 @@ Per rank: peak RSS over the training steps (VmHWM, reset after the set-up, whose
 full model built on every rank and flattened for rank 0's broadcast before sharding, is listed
 apart), the bytes of parameters + AdamW state this rank holds
 (counted from the tensors: its FSDP shards, or the whole model under DDP), the median step time
-after the first step, and the bytes it hands to collectives per step. DDP's are keel's own
-counters (`comm_bytes`: the flat gradient all-reduce plus control scalars). FSDP2's collectives
-do not pass through keel's Comm: they are counted from the shard sizes, in the same convention
-(what this rank hands to each collective): an all-gather of every layer's shard in the forward
-and again in the backward (FSDP2 reshards a layer after its forward), one of the root's shard
-(the root stays gathered through the backward), and the reduce-scatter of the full gradient.
+after the first step, and the bytes it hands to collectives per step, as keel's counters took
+them during the run (`comm_bytes`, what a training run logs per step): DDP's gradient buckets,
+FSDP2's all-gathers and reduce-scatters ("fsdp", `keel.distributed.comm.count_fsdp`: every layer's
+shard gathered in the forward and again in the backward, the root's once, the full gradient
+reduce-scattered; `comm.fsdp_pass_bytes` says the same from the shapes), and the control scalars.
 
     .venv/bin/python benchmarks/fsdp_memory.py                 # 4 layers, 3 steps (~3 min)
     .venv/bin/python benchmarks/fsdp_memory.py --layers 8 --steps 4
@@ -75,28 +74,23 @@ def child(mode: str, layers: int, steps: int, tokens: int, out: Path) -> None:
     times, sent = [], []
     for _ in range(steps):
         start = time.perf_counter()
-        logits = model(input_ids=ids[:, :-1]).logits
+        # Through the synchroniser, as the trainers run it: DDP's gradient all-reduce is hooked to this forward.
+        logits = sync.run(lambda m: m(input_ids=ids[:, :-1]).logits)
         F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
         sync.grads()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync.comm.scalar(1.0, "control")  # what a training step's metrics reduction costs, as in keel's loop
         times.append(time.perf_counter() - start)
-        sent.append(sync.comm.take_step()["comm_bytes"])
+        sent.append(sync.comm.take_step())
     held = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
     held += sum(local(t).numel() * local(t).element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.numel() > 1)  # the moments, not the step counters
     figures = {"peak_rss_mb": peak_rss_mb(), "setup_peak_rss_mb": setup_peak, "param_optimizer_mb": held / 2 ** 20,
-               "step_s": statistics.median(times[1:] or times), "keel_comm_bytes": statistics.median(sent),
+               "step_s": statistics.median(times[1:] or times),
+               "comm_bytes": statistics.median(s["comm_bytes"] for s in sent),
+               "fsdp_bytes": statistics.median(s.get("comm_bytes_fsdp", 0) for s in sent),
                "params": sum(p.numel() for p in model.parameters())}
-    if mode == "fsdp":
-        from keel.distributed.sync import decoder_layers
-
-        layer_shards = sum(local(p).numel() * 4 for layer in decoder_layers(model) for p in layer.parameters())
-        all_shards = sum(local(p).numel() * 4 for p in model.parameters())
-        root_shard = all_shards - layer_shards
-        full = figures["params"] * 4
-        figures["fsdp_bytes"] = 2 * layer_shards + root_shard + full
     (out / f"{mode}-rank{rank}.json").write_text(json.dumps(figures))
     shutdown()
 
@@ -127,7 +121,7 @@ def main() -> None:
         ranks = {mode: launch(mode, args, Path(tmp)) for mode in ("ddp", "fsdp")}
     worst = {mode: {k: max(r[k] for r in rs) for k in rs[0]} for mode, rs in ranks.items()}  # the busier rank
     ddp, fsdp = worst["ddp"], worst["fsdp"]
-    sent = {"ddp": ddp["keel_comm_bytes"], "fsdp": fsdp["fsdp_bytes"] + fsdp["keel_comm_bytes"]}
+    sent = {"ddp": ddp["comm_bytes"], "fsdp": fsdp["comm_bytes"]}
     params = ddp["params"]
     print(f"\nQwen3-0.6B shape with {args.layers} of its 28 layers ({params / 1e6:.0f}M parameters; the full model "
           "needs 19 GB for two DDP ranks' weights, gradients and AdamW state alone, on a shared 24 GB machine); "
@@ -138,8 +132,8 @@ def main() -> None:
         w = worst[mode]
         print(f"{mode:6}{w['peak_rss_mb']:>12.0f}{w['setup_peak_rss_mb']:>16.0f}{w['param_optimizer_mb']:>17.0f}"
               f"{w['step_s']:>9.2f}{sent[mode] / 2 ** 20:>14.1f}")
-    print("MB sent: ddp from keel's counters; fsdp from the shard sizes (2 all-gathers per layer, 1 of the root, "
-          "1 reduce-scatter of the full gradient) + keel's own control scalars")
+    print(f"MB sent: keel's counters during the run; fsdp's own all-gathers and reduce-scatters "
+          f"{fsdp['fsdp_bytes'] / 2 ** 20:.1f} of its {sent['fsdp'] / 2 ** 20:.1f}, the rest control scalars")
     print(json.dumps({
         "layers": args.layers, "params": params, "tokens": args.tokens, "steps": args.steps,
         "rss_ddp_mb": round(ddp["peak_rss_mb"], 1), "rss_fsdp_mb": round(fsdp["peak_rss_mb"], 1),
@@ -149,6 +143,7 @@ def main() -> None:
         "memory_ratio": round(fsdp["param_optimizer_mb"] / ddp["param_optimizer_mb"], 3),
         "step_s_ddp": round(ddp["step_s"], 3), "step_s_fsdp": round(fsdp["step_s"], 3),
         "bytes_per_step_ddp": sent["ddp"], "bytes_per_step_fsdp": sent["fsdp"],
+        "fsdp_collective_bytes_per_step": fsdp["fsdp_bytes"],
         "wall_s": round(time.perf_counter() - start, 1)}))
 
 

@@ -26,7 +26,7 @@ is that run's own:
   small  keel alone: a 2-layer Qwen3 (hidden `--small-hidden`, 1024 by default: the 0.6B's width
          and MLP) with Qwen's vocabulary, one RL update (GRPO) over a hand-built batch of 32
          completions x 1,024 tokens (no generation), keel's defaults; the same update without
-         gradient checkpointing; and with the chunked LM head turned off (keel.engine.sampler.LOGITS_BUDGET raised past any
+         gradient checkpointing; and with the chunked LM head turned off (keel.engine.head.LOGITS_BUDGET raised past any
          batch inside that child) to show what the chunking saves.
 
 Beside each peak: the floor, 16 bytes per trained parameter (fp32 weights, gradients and both
@@ -334,7 +334,7 @@ def small_batch(tokenizer, vocab: int):
 
 
 def child_small(variant: str, hidden: int, steps: int, peaks: Peaks) -> dict:
-    import keel.engine.sampler as sampler
+    import keel.engine.head as head
     from keel.models import init_model
     from keel.rl.trainer import RLTrainer
 
@@ -345,10 +345,10 @@ def child_small(variant: str, hidden: int, steps: int, peaks: Peaks) -> dict:
                                                          SMALL_TOKENS, steps))
     del model
     if variant == "plain":
-        sampler.LOGITS_BUDGET = NO_BUDGET  # this process only: the LM head in one piece
+        head.LOGITS_BUDGET = NO_BUDGET  # this process only: the LM head in one piece
     batch = small_batch(tokenizer, min(tokenizer.vocab_size, trainer.model.config.vocab_size))
     micro = batch.micro_batches(trainer.cfg.micro_batch_tokens)
-    chunked = sampler.chunked_head(trainer.model, len(micro[0]) * SMALL_TOKENS, sampler.LOGITS_BUDGET)
+    chunked = head.chunked_head(trainer.model, len(micro[0]) * SMALL_TOKENS, head.LOGITS_BUDGET)
     assert chunked == (variant != "plain"), (variant, chunked)
     peaks.around(trainer.optimizer, "step", "train_fwd_bwd", "optimizer")
     peaks.mark("setup")

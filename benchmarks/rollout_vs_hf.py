@@ -1,4 +1,4 @@
-"""Rollout decode throughput: keel's rollout engine vs transformers' `model.generate()`.
+"""Rollout decode throughput: keel's sampling engine vs transformers' `model.generate()`.
 
 Same model (a fresh local Qwen3, ~27M parameters by default), same prompts (rendered arithmetic
 questions), same sampling (temperature 1, top_p 1, no top_k), batch 32 x 64 new tokens. EOS is
@@ -11,14 +11,17 @@ Each side runs in its own worker process (so each peak RSS is its own), warms up
 sides are timed in turn, `--repeats` times each; the table shows medians. A third worker times
 the model's matmuls alone (every nn.Linear once per token step, on [batch, in] inputs, with the
 same threads; no attention, no sampling): a floor that no engine running these fp32 matmuls on
-this machine goes under, so `floor_tok_s / hf_tok_s` is about the largest ratio any could show. `--compile` adds a fourth worker, keel with
-`generate(..., compile=True)`; its compile time is in its warm-up column, not in its tok/s.
+this machine goes under, so `floor_tok_s / hf_tok_s` is about the largest ratio any could show.
+keel's side is what RL rollouts, `keel eval` and `keel label` run: `keel.completions.generate`,
+the one engine (keel.engine.batching) over the model itself, every row sampling from one generator.
+`--compile` adds a fourth worker, keel with `compile=True`; its compile time is in its warm-up
+column, not in its tok/s.
 
 `--backends` adds one worker per keel backend spec (default: onnxruntime:cpu:fp32, :int8 and
 :int4): the sampler keel's RL trainer builds for `rollout:` that spec (RLConfig's rollout section,
 keel.engine.backends.rollout_section; for ONNX Runtime the model exported once with its weights
 fed as graph inputs, quantized where the spec says), driven as RL rollouts drive it (the batching
-engine; a torch spec through keel's sampler). Building it (export, quantization) is in its warm-up
+engine, one generator for all rows). Building it (export, quantization) is in its warm-up
 column. A spec this keel cannot build is reported as not available, with the reason. ONNX Runtime
 picks its own thread count (the trainer's rollout config has no threads knob), so compare those
 rows at `--threads 0`. The JSON's `best` names the fastest keel worker and `best_ratio` its ratio.
@@ -63,8 +66,9 @@ def worker(side: str, args) -> None:
 
     from keel.errors import KeelError
 
+    from keel.completions import generate
     from keel.models import init_model, render_prompt
-    from keel.engine.sampler import SamplingParams, generate
+    from keel.engine.sampler import SamplingParams
     from keel.tasks import get_task
 
     if args.threads:
@@ -74,35 +78,24 @@ def worker(side: str, args) -> None:
     questions = [ex.question for ex in get_task("arithmetic").examples("test", args.batch, seed=0)]
     prompts = [render_prompt(tok, q) for q in questions]
     B, N, pad = len(prompts), args.new_tokens, tok.pad_token_id
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=N)
     t0 = time.perf_counter()
 
     if side not in SIDES:  # a backend spec
-        from keel.engine import batching
-        from keel.engine.backends import TorchBackend
-
         try:
             backend = rollout_sampler(model, tok, side)
         except (KeelError, ImportError) as e:
             print(json.dumps({"error": str(e).splitlines()[0]}), flush=True)
             return
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=N)
 
-        if isinstance(backend, TorchBackend):  # RL rollouts sample a torch copy through keel's sampler
-            def once(seed: int) -> int:
-                g = torch.Generator(device=backend.device).manual_seed(seed)
-                out = generate(backend.model, prompts, params, eos_id=-1, pad_id=pad, generator=g)
-                return sum(len(t) for t in out.tokens)
-        else:
-            def once(seed: int) -> int:
-                reqs = batching.generate(backend, prompts, params, eos_id=-1, seed=seed, max_batch=B)
-                assert all(r.finish_reason != "error" for r in reqs), [r.error for r in reqs if r.error][:1]
-                return sum(len(r.tokens) for r in reqs)
+        def once(seed: int) -> int:  # as RL rollouts sample it (keel.completions.complete)
+            g = torch.Generator(device=backend.device).manual_seed(seed)
+            out = generate(backend, prompts, params, eos_id=-1, generator=g)
+            return sum(len(t) for t in out.tokens)
     elif side in ("keel", "keel_compiled"):
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=N)
-
         def once(seed: int) -> int:
             g = torch.Generator().manual_seed(seed)
-            out = generate(model, prompts, params, eos_id=-1, pad_id=pad, generator=g, compile=side == "keel_compiled")
+            out = generate(model, prompts, params, eos_id=-1, generator=g, compile=side == "keel_compiled")
             return sum(len(t) for t in out.tokens)
     elif side == "hf":
         enc = tok.pad([{"input_ids": p} for p in prompts], padding_side="left", return_tensors="pt")
@@ -196,7 +189,7 @@ def main() -> None:
     print(f"{args.arch} {args.layers}x{args.hidden}, batch {args.batch} x {args.new_tokens} new tokens, "
           f"median of {args.repeats} alternating runs")
     print(f"{'side':<32}{'tok/s':>9}{'min':>9}{'max':>9}{'ms/step':>9}{'vs HF':>7}{'warm-up s':>11}{'peak RSS MB':>13}")
-    names = {"keel": "keel.engine.sampler.generate", "hf": "transformers generate()", "floor": "matmuls only (floor)",
+    names = {"keel": "keel.completions.generate", "hf": "transformers generate()", "floor": "matmuls only (floor)",
              "keel_compiled": "keel, compile=True"}
     for side in sides:
         r = res[side]

@@ -226,12 +226,13 @@ def rl_cmd(loss: Optional[str] = typer.Option(None, help="grpo | dr_grpo | dapo 
 def report_cmd(out: Path = typer.Argument(..., help="a run folder (keel sft/rl/demo --out)"),
                mtbf_hours: Optional[float] = typer.Option(None, help="mean time between failures; default: observed")):
     """Goodput of a run: useful step time against time lost to faults and to checkpointing,
-    and the checkpoint interval the Young/Daly rule recommends."""
-    from keel.report import format_goodput, goodput
+    and the checkpoint interval the Young/Daly rule recommends; per stage the steps' peak memory and
+    MB sent per step by purpose, also plotted into OUT/resources_<stage>.png."""
+    from keel.report import format_goodput, goodput, plot_resources
     from keel.runlog import console
 
     g = goodput(out, mtbf_hours)
-    for line in format_goodput(g):
+    for line in format_goodput(g) + [f"plot: {path}" for path in plot_resources(out)]:
         console.print(line, soft_wrap=True)
     typer.echo(json.dumps(g))
 

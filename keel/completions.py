@@ -2,16 +2,19 @@
 rollouts, `keel eval` and `keel label` share.
 
 Each question is rendered through the model's chat template, repeated `k` times (a question's
-samples sit next to each other, as GRPO's groups and label's votes expect), sampled by
-`engine.sampler.generate` in chunks of `batch_size` rows, decoded, and, when a reward is given, scored.
-The serving engine (engine/batching.py) runs the same sampler on token ids that arrive one request
-at a time; given a backend instead of a torch model (RL rollouts on ONNX Runtime), `complete`
-samples through that engine.
+samples sit next to each other, as GRPO's groups and label's votes expect), sampled by `generate`
+in chunks of `batch_size` rows, decoded, and, when a reward is given, scored.
+
+There is one sampling engine: `keel.engine.batching.Engine`, the one `keel serve` and `keel
+parity` run. `generate` runs it over a backend (a torch model is viewed as a `TorchBackend` where
+it is, uncopied), every row sampling from the one generator given, so each decode step of a batch
+is one `sample_next` call and a seed gives the same rollouts. A sampler with its own engine (vLLM:
+keel.engine.vllm_backend) samples itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +22,8 @@ import torch
 from keel.errors import KeelError
 from keel.models import render_prompt, special_ids
 from keel.engine import batching
-from keel.engine.sampler import Rollout, SamplingParams, generate
+from keel.engine.backends import TorchBackend
+from keel.engine.sampler import Rollout, SamplingParams
 
 Reward = Callable[[str, int], dict]  # (completion text, question index) -> {"correct", "format", ...}
 
@@ -43,22 +47,20 @@ def complete(model, tokenizer, questions: list[str], params: SamplingParams, *, 
              generator: torch.Generator | None = None, reward: Reward | None = None,
              batch_size: int | None = None, compile: bool = False, eos_id: int | None = None,
              advance: Callable[[int], None] | None = None) -> Completions:
-    """`k` completions of each question. `model` is a torch model, or a backend
-    (`keel.engine.backends`) sampled through the batching engine. `generator` drives the sampling
-    (one stream across chunks; for a backend, each chunk's seed is drawn from it); `advance(n)` is
-    called after each chunk of n rows (a progress bar). `eos_id` replaces the tokenizer's end of
-    sequence (-1: none, every sample runs the whole budget)."""
-    eos, pad = special_ids(tokenizer)
+    """`k` completions of each question. `model` is a torch model, a backend
+    (`keel.engine.backends`) or a sampler with its own engine (see `generate`). `generator` drives
+    the sampling (one stream across chunks; a sampler with its own engine draws each chunk's seed
+    from it); `advance(n)` is called after each chunk of n rows (a progress bar). `compile`: a
+    torch model's decode steps run through torch.compile (`TorchBackend.of`). `eos_id` replaces
+    the tokenizer's end of sequence (-1: none, every sample runs the whole budget)."""
+    eos, _ = special_ids(tokenizer)
     eos = eos if eos_id is None else eos_id
     prompts = [render_prompt(tokenizer, q) for q in questions for _ in range(k)]
     step = batch_size or max(1, len(prompts))
     tokens, logprobs, finished = [], [], []
     for start in range(0, len(prompts), step):
         chunk = prompts[start:start + step]
-        if isinstance(model, torch.nn.Module):
-            out = generate(model, chunk, params, eos_id=eos, pad_id=pad, generator=generator, compile=compile)
-        else:
-            out = _generate_on_backend(model, chunk, params, eos, generator)
+        out = generate(model, chunk, params, eos_id=eos, generator=generator, compile=compile)
         tokens += out.tokens
         logprobs += out.logprobs
         finished += out.finished
@@ -69,14 +71,31 @@ def complete(model, tokenizer, questions: list[str], params: SamplingParams, *, 
     return Completions(prompts, tokens, logprobs, finished, texts, scores)
 
 
-def _generate_on_backend(backend, prompts: list[list[int]], params: SamplingParams, eos_id: int,
-                         generator: torch.Generator | None) -> Rollout:
-    """`prompts` completed by the batching engine over `backend`, all rows in one batch, as a Rollout."""
-    seed = 0 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator,
-                                                         device=generator.device))
-    if hasattr(backend, "generate"):  # a sampler that runs its own engine (keel.engine.vllm_backend)
-        return backend.generate(prompts, params, eos_id=eos_id, seed=seed)
-    reqs = batching.generate(backend, prompts, params, eos_id=eos_id, seed=seed, max_batch=len(prompts))
+def generate(model, prompts: list[list[int]], params: SamplingParams, *, eos_id: int,
+             generator: torch.Generator | None = None, stop_ids: Collection[int] = (),
+             compile: bool = False) -> Rollout:
+    """One completion of each prompt (token ids), all in one batch of the engine. `model`: a torch
+    model (sampled where it is and as it is, in eval mode, its own mode restored after), a backend,
+    or a sampler with its own engine (one with `generate`: vLLM, which gets a seed drawn from
+    `generator`). Every row samples from `generator`, on the sampler's device (unused when greedy)."""
+    if not prompts:
+        raise KeelError("generate() got no prompts; pass at least one list of token ids")
+    if hasattr(model, "generate") and not isinstance(model, torch.nn.Module):  # keel.engine.vllm_backend
+        seed = 0 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator,
+                                                             device=generator.device))
+        return model.generate(prompts, params, eos_id=eos_id, seed=seed, stop_ids=stop_ids)
+    if not isinstance(model, torch.nn.Module):
+        return _on_engine(model, prompts, params, eos_id, generator, stop_ids)
+    was_training = model.training
+    try:
+        return _on_engine(TorchBackend.of(model, compile=compile), prompts, params, eos_id, generator, stop_ids)
+    finally:
+        model.train(was_training)
+
+
+def _on_engine(backend, prompts, params, eos_id, generator, stop_ids) -> Rollout:
+    reqs = batching.generate(backend, prompts, params, eos_id=eos_id, stop_ids=stop_ids, max_batch=len(prompts),
+                             generator=generator)
     failed = [r.error for r in reqs if r.finish_reason == "error"]
     if failed:
         raise KeelError(f"{len(failed)} of {len(reqs)} samples failed on the {backend.name} backend: {failed[0]}")

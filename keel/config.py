@@ -136,6 +136,11 @@ class DistributedConfig:
                  "distributed: shard_group must be >= 1, and above 1 only with sync: diloco (fsdp shards over every rank)",
                  "distributed.shard_group")
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model trains FSDP2-sharded under torchrun: fsdp, or diloco over groups of ranks."""
+        return self.sync == "fsdp" or self.shard_group > 1
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -198,9 +203,6 @@ class SFTConfig:
         _require(self.lr > 0 and self.warmup >= 0 and self.grad_clip > 0, "sft: lr and grad_clip must be > 0, warmup >= 0")
         _require(not (self.lora is not None and self.distributed.shard_group > 1),
                  "sft: shard_group > 1 does not support lora yet: use shard_group: 1 with lora", "distributed.shard_group")
-        _require(self.distributed.shard_group == 1 or not (self.resilience.checkpoint_every or self.resilience.checkpoint_seconds),
-                 "sft: checkpoints of DiLoCo over FSDP (shard_group > 1) are not written yet: set "
-                 "resilience.checkpoint_every and checkpoint_seconds to 0, or shard_group: 1", "distributed.shard_group")
         object.__setattr__(self, "report_to", check_report_to(self.report_to))
 
 
@@ -274,7 +276,8 @@ class RLConfig:
     lora: LoraSpec | None = None  # LoRA adapters instead of full fine-tuning; with beta > 0 the reference
     #                                is the same model with its adapters off (no second copy)
     rollout: RolloutConfig | None = None  # sample rollouts on another backend (None: the trainer's own model;
-    #                                       under sync: fsdp a plain torch copy of it: RolloutConfig())
+    #                                       sharded (fsdp, shard_group > 1) a plain torch copy: RolloutConfig();
+    #                                       with lora the sampler gets the weights with the adapters merged in)
     report_to: tuple[str, ...] | str = ()  # experiment trackers (as in SFTConfig): tensorboard | wandb | trackio | mlflow
     correction: str = "auto"     # trainer/sampler mismatch correction: auto (tis unless the sampler computes exactly
     #                              what the trainer does: rollout None, or torch fp32 on the trainer's fp32 device,
@@ -291,11 +294,8 @@ class RLConfig:
 
     def __post_init__(self):
         get_loss(self.loss)
-        _require(not (self.distributed.sync == "fsdp" and self.eval_every and self.rollout is not None
-                      and self.rollout.backend == "onnxruntime"),
-                 "rl: under sync: fsdp evaluate_every runs on the torch rollout copy, and the onnxruntime sampler has "
-                 "none: set eval_every 0 (and run keel eval on OUT/model) or use a torch rollout", "eval_every")
-        _require(self.distributed.shard_group == 1, "rl: shard_group > 1 (DiLoCo over FSDP) supports sft only so far",
+        _require(not (self.lora is not None and self.distributed.shard_group > 1),
+                 "rl: shard_group > 1 does not support lora yet: use shard_group: 1 with lora",
                  "distributed.shard_group")
         _require(self.group_size >= 2, f"rl: group_size must be >= 2 (got {self.group_size}): "
                  "GRPO's advantage compares samples of the same prompt")
@@ -327,8 +327,6 @@ class RLConfig:
         _require(self.async_steps == 0 or self.lora is None,
                  "rl: async_steps 1 samples on a copy of the model, which lora runs do not support yet: "
                  "set async_steps: 0", "async_steps")
-        _require(self.rollout is None or self.lora is None,
-                 "rl: a rollout backend with lora is not supported yet: drop one of them", "rollout")
         object.__setattr__(self, "report_to", check_report_to(self.report_to))
 
     @property

@@ -9,6 +9,7 @@ tokenizer) that transformers loads without keel.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import string
@@ -229,6 +230,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype=torch
                         "files", field="tokenizer") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, use_safetensors=True)
+        eager_if_soft_capped(model)
     except Exception as e:
         raise KeelError(f"could not build the model in {path} from its config.json and weights ({_reason(e)})") from e
     if tokenizer.pad_token_id is None:
@@ -420,3 +422,46 @@ def merge_lora(model):
     (W + alpha / r * B @ A) and the adapter layers removed, in place: transformers loads what
     `save_model` then writes, without peft."""
     return model.merge_and_unload(safe_merge=True)
+
+
+def merged_copy(model):
+    """A plain transformers copy of peft `model` with its adapters merged in (`merge_lora` on a
+    deep copy): `model` is not touched."""
+    return merge_lora(copy.deepcopy(model))
+
+
+class LoraMerge:
+    """Calls turn the full weights of a model with LoRA adapters (peft's, injected by `add_lora`)
+    into the weights of the plain model `merged_copy` makes: each adapted layer's weight plus its
+    active adapters' deltas, computed by peft (`get_delta_weight`: alpha / r * B @ A), under the
+    base model's own names, the adapter tensors left out. The weights are a state dict, so they
+    may be a sharded model's gathered `full_state`: the deltas are computed on copies of the model's
+    LoRA layers without their base layers (adapter-sized), taken here, before any sharding, and
+    handed each call's adapter tensors; the model itself is never touched."""
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+
+        self.layers = {name: copy.deepcopy(layer, {id(layer.base_layer): torch.nn.Identity()})
+                       for name, layer in lora_base(model).named_modules() if isinstance(layer, LoraLayer)}
+
+    @torch.no_grad()
+    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        merged = dict(state)
+        for name, layer in self.layers.items():
+            prefix, base = f"{name}.", f"{name}.base_layer."
+            own = {key: merged.pop(key) for key in [k for k in merged if k.startswith(prefix)]}
+            layer.load_state_dict({k[len(prefix):]: v for k, v in own.items() if not k.startswith(base)})
+            merged.update({prefix + k[len(base):]: v for k, v in own.items() if k.startswith(base)})
+            for adapter in layer.active_adapters:
+                merged[f"{name}.weight"] = merged[f"{name}.weight"] + layer.get_delta_weight(adapter)
+        return merged
+
+
+def eager_if_soft_capped(model) -> None:
+    """Switch `model` to eager attention if it soft-caps attention scores (Gemma 2's
+    attn_logit_softcapping) but runs SDPA, which has no cap: transformers before 5.20 loads Gemma 2
+    with SDPA and silently drops the cap (later versions load it eager and raise on SDPA)."""
+    config = model.config.get_text_config(decoder=True)
+    if getattr(config, "attn_logit_softcapping", None) is not None and config._attn_implementation == "sdpa":
+        model.set_attn_implementation("eager")

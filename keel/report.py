@@ -9,6 +9,11 @@ sqrt(2 * MTBF * C), with C the measured blocking cost of one checkpoint.
 Distributed runs add what rank 0 sent (`comm_bytes`), the time it spent in collectives, and with
 a simulated link (`--simulate-link`) the wall time the run would have taken on it: measured wall
 time, minus the time in collectives here, plus the time those bytes take on the simulated link.
+
+Per stage, `keel report` also shows the steps' peak memory (the largest step's and the last one's;
+under torchrun the busiest rank's) and the MB sent per step by purpose (FSDP's all-gathers and
+reduce-scatters, DDP's gradients, DiLoCo's pseudo-gradients, metrics, control), in a table and in
+OUT/resources_<stage>.png (`plot_resources`). Sizes are MB of 10^6 bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +36,11 @@ SERIES = {
     "reward": "total reward", "reward_correct": "correct-answer reward", "reward_format": "format reward",
     "accuracy": "accuracy of the step's samples", "test_pass@1": "test pass@1 (greedy)",
     "response_length": "response length", "kl": "KL to the reference (k3)", "loss": "loss",
+    "peak_rss_mb": "peak resident set, host (high-water mark since start)",
+    "peak_device_mb": "peak accelerator memory in the step",
 }
+MEMORY = ("peak_rss_mb", "peak_device_mb")  # per step, MB: train/loop.peak_memory
+SENT = "comm_bytes_"  # + purpose: bytes rank 0 sent in the step for it (distributed/comm.Comm.take_step)
 # The y-axis of a plot of one metric, where the caller names none.
 YLABELS = {"loss": "loss (nats per token)", "kl": "KL (nats per token)", "response_length": "tokens"}
 
@@ -139,6 +148,65 @@ def write_markdown(report: dict, plots: list[Path], path: Path) -> None:
     atomic_write(path, "\n".join(lines) + "\n")
 
 
+def step_resources(rows: list[dict]) -> dict[str, dict]:
+    """Per stage of metrics rows: how many steps; for each memory figure the largest step's and the
+    last step's (MB); the mean MB sent per step, in all (`all`) and by purpose."""
+    out = {}
+    for stage in dict.fromkeys(r.get("stage", "") for r in rows):
+        mine = [r for r in rows if r.get("stage", "") == stage]
+        memory = {}
+        for key in MEMORY:
+            values = [r[key] for r in mine if r.get(key) is not None]
+            if values:
+                memory[key] = {"max": max(values), "final": values[-1]}
+        sent = {}
+        if any(r.get("comm_bytes") for r in mine):  # one process sends nothing
+            kinds = sorted({k.removeprefix(SENT) for r in mine for k in r if k.startswith(SENT)})
+            for kind, key in [("all", "comm_bytes")] + [(kind, SENT + kind) for kind in kinds]:
+                sent[kind] = sum(r.get(key) or 0 for r in mine) / len(mine) / 1e6
+        out[stage] = {"steps": len(mine), "memory_mb": memory, "sent_mb_per_step": sent}
+    return out
+
+
+def format_resources(stages: dict[str, dict]) -> list[str]:
+    """`step_resources` as a table, one line per stage."""
+    memory = [key for key in MEMORY if any(key in s["memory_mb"] for s in stages.values())]
+    kinds = list(dict.fromkeys(kind for s in stages.values() for kind in s["sent_mb_per_step"]))
+    names = {"peak_rss_mb": "peak RSS MB", "peak_device_mb": "device peak MB"}
+    header = (["stage", "steps"] + [f"{names[key]} {which}" for key in memory for which in ("max", "final")]
+              + [f"MB/step {kind}" for kind in kinds])
+    table = [header]
+    for stage, s in stages.items():
+        cells = [stage or "-", str(s["steps"])]
+        for key in memory:
+            m = s["memory_mb"].get(key)
+            cells += [f"{m['max']:.1f}", f"{m['final']:.1f}"] if m else ["-", "-"]
+        table.append(cells + [f"{s['sent_mb_per_step'][k]:.3g}" if k in s["sent_mb_per_step"] else "-" for k in kinds])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["per step (memory: the busiest rank's; RSS a high-water mark since start; sent: rank 0's)"]
+    return lines + ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                    for row in table]
+
+
+def plot_resources(out: str | Path) -> list[Path]:
+    """OUT/resources_<stage>.png per stage of the run folder's metrics: peak memory per step, and
+    with communication the MB sent per step by purpose."""
+    out = Path(out)
+    rows = read_jsonl(out / "metrics.jsonl")
+    paths = []
+    for stage in dict.fromkeys(r.get("stage", "") for r in rows):
+        mine = [r for r in rows if r.get("stage", "") == stage]
+        panels = [(list(MEMORY), "MB")]
+        kinds = sorted({k.removeprefix(SENT) for r in mine for k in r if k.startswith(SENT)})
+        if kinds:  # a distributed run: per purpose, as MB
+            mine = [{**r, **{f"sent: {k}": r.get(SENT + k, 0) / 1e6 for k in kinds}} for r in mine]
+            panels.append(([f"sent: {k}" for k in kinds], "MB sent per step"))
+        name = f"resources_{stage}.png" if stage else "resources.png"
+        title = f"{stage or 'run'}: peak memory" + (" and MB sent" if kinds else "") + " per step"
+        paths.append(save_figure(figure(mine, panels, title), out / name))
+    return paths
+
+
 FAULTS = ("restart", "rollback", "hang", "corrupt_checkpoint")
 
 
@@ -183,6 +251,7 @@ def goodput(out: str | Path, mtbf_hours: float | None = None) -> dict:
         "checkpoint_cost_s": cost, "mean_step_s": step_s,
         "recommended_interval_s": interval_s,
         "recommended_interval_steps": max(1, round(interval_s / step_s)) if interval_s and step_s else None,
+        "stages": step_resources(rows),
     }
 
 
@@ -205,4 +274,4 @@ def format_goodput(g: dict) -> list[str]:
                      f"sqrt(2 x MTBF {g['mtbf_s']:.0f}s ({source}) x cost {g['checkpoint_cost_s']:.3f}s)")
     else:
         lines.append("no interval recommendation: needs checkpoints and an MTBF (mtbf_hours, or observed faults)")
-    return lines
+    return lines + (format_resources(g["stages"]) if g["stages"] else [])

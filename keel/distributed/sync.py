@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from keel.config import DistributedConfig
-from keel.distributed.comm import Comm
+from keel.distributed.comm import Comm, count_fsdp
 from keel.distributed.world import init_world
 from keel.errors import KeelError
 
@@ -55,6 +55,7 @@ MEAN = ("loss", "reward", "reward_correct", "reward_format", "accuracy", "respon
         "clip_frac", "kl", "entropy", "grad_norm", "step_s", "rollout_s", "rows_skipped",
         "mismatch_kl", "mismatch_k3", "correction_share", "ess", "weight_sync_s")  # another rollout backend
 REDUCED = SUM + MEAN
+MAX = ("peak_rss_mb", "peak_device_mb")  # memory: the busiest rank's, what each machine must hold
 
 
 def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -117,6 +118,10 @@ class Sync:
         self.after_step(step, final)
         if self.world.size > 1:
             row = self.reduce(row)
+            peaks = [key for key in MAX if key in row]
+            if peaks:
+                most = torch.tensor([float(row[k]) for k in peaks], dtype=torch.float64, device=self.comm.device)
+                row.update(zip(peaks, self.comm.all_reduce(most, "metrics", op=dist.ReduceOp.MAX).tolist()))
         row.update(self.comm.take_step())
         if "step_s" in row:
             row["step_s"] += time.perf_counter() - start
@@ -149,6 +154,16 @@ class Sync:
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         pass
+
+    def check_resume(self, meta: dict) -> None:
+        """KeelError unless this run can resume a checkpoint whose sync meta (`state`'s) is `meta`:
+        one of DiLoCo over FSDP only in its own layout (`same_layout`)."""
+        same_layout(meta, {})
+
+    def checkpoint_shards(self, shards: dict) -> dict:
+        """How the parts each rank writes through DCP (a sharded checkpoint) are keyed there: as
+        they are, the same model on every rank."""
+        return shards
 
 
 class DataParallel(Sync):
@@ -189,7 +204,7 @@ class DDP(DataParallel):
     step synchronises (`run(..., last=True)`); the others accumulate locally (`no_sync`), so ranks
     with different numbers of micro-batches still pair up, one all-reduce per step each. Every
     trained parameter must take part in each step's loss (DDP's find_unused_parameters stays off):
-    a rank without data runs a zero loss over all of them (the RL trainer's zero_backward).
+    a rank without data runs a forward and backward of zero weight (the RL trainer's stand-in passes).
     Measured on tests/distributed/worker.py: every rank's weights after SFT, RL, micro-batched GRPO
     and DAPO steps bit-identical to keel's former one-bucket all-reduce, and the same byte counts."""
 
@@ -222,6 +237,10 @@ class DiLoCo(Sync):
             self.global_params = [local(p).clone() for p in self.params]
         m = cfg.outer_momentum
         self.outer = torch.optim.SGD(self.global_params, lr=cfg.outer_lr, momentum=m, nesterov=m > 0)
+        if m:  # zeros make SGD's first step its own (buf = 0 * m + pseudo-gradient), and the checkpoints
+            #    hold the same tensors before the first sync as after it
+            for g in self.global_params:
+                self.outer.state[g]["momentum_buffer"] = torch.zeros_like(g)
 
     def after_step(self, step: int, final: bool) -> None:
         if step % self.cfg.inner_steps and not final:
@@ -271,9 +290,9 @@ class DiLoCo(Sync):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         with torch.no_grad():
             for i, g in enumerate(self.global_params):
-                g.copy_(tensors[f"global.{i}"])
-                if f"momentum.{i}" in tensors:
-                    self.outer.state[g]["momentum_buffer"] = tensors[f"momentum.{i}"].to(g.device).clone()
+                g.copy_(local(tensors[f"global.{i}"]))
+                if f"momentum.{i}" in tensors:  # checkpoints written before the zeros have none before the first sync
+                    self.outer.state[g]["momentum_buffer"].copy_(local(tensors[f"momentum.{i}"]))
 
 
 class ShardedDiLoCo(DiLoCo):
@@ -284,19 +303,33 @@ class ShardedDiLoCo(DiLoCo):
     its own shard's pseudo-gradient with the ranks holding the same shard in the other groups, so
     the slow links carry 1/N of a model per rank per sync. The loss weights are FSDP's within the
     group (`share`): a group minimises the mean over its ranks' units, as a DiLoCo rank minimises
-    its batch's. Checkpoints are refused by the config for now (each rank's state is a shard)."""
+    its batch's. `frozen` copies (RL's KL reference) are sharded over the group as the model is.
 
-    def __init__(self, model: torch.nn.Module, comm: Comm, cfg: DistributedConfig, device: torch.device):
+    Checkpoints go through DCP as under fsdp, each rank writing its own shards: its group's model
+    and optimizer under `group<g>` (the groups' differ between syncs, `checkpoint_shards`), the
+    global weights and outer momentum as DTensors placed as their parameters (the same in every
+    group: DCP writes each shard once). They resume onto the same ranks and shard_group only."""
+    rank_local = Sync.rank_local  # the model and optimizer are shards, written by DCP per group
+
+    def __init__(self, model: torch.nn.Module, comm: Comm, cfg: DistributedConfig, device: torch.device,
+                 frozen: tuple[torch.nn.Module, ...] = ()):
         super(DiLoCo, self).__init__(model, comm)  # Sync: every rank starts from rank 0's full weights
+        copy_weights(model, frozen)
         self.model, n = model, cfg.shard_group
         if self.world.size % n:
             raise KeelError(f"distributed: shard_group ({n}) must divide the number of ranks ({self.world.size})",
                             field="distributed.shard_group")
         mesh = init_device_mesh(device.type, (self.world.size // n, n), mesh_dim_names=("replicate", "shard"))
-        shard_layers(model, device, mesh["shard"])
+        for module in (model, *frozen):
+            shard_layers(module, device, mesh["shard"])
         self.params = [p for p in model.parameters() if p.requires_grad]  # now DTensors over the group
         self.group = comm.sub(mesh.get_group("shard"))
+        self.replica = mesh.get_local_rank("replicate")  # this rank's group
         self.outer_setup(cfg, comm.sub(mesh.get_group("replicate")))
+
+    def any(self, flag: bool) -> bool:
+        """Within the group, whose ranks' passes are FSDP's collectives."""
+        return self.group.scalar(float(flag), "control") > 0
 
     def share(self, n: float) -> float:
         total = self.group.scalar(n, "control")
@@ -306,9 +339,44 @@ class ShardedDiLoCo(DiLoCo):
         """FSDP's collectives pair up within the group: as many passes as its busiest rank."""
         return int(self.group.scalar(n, "control", op=dist.ReduceOp.MAX))
 
+    def layout(self) -> dict:
+        """What a checkpoint of this run is resumed onto (`same_layout`)."""
+        return {"shard_group": self.group.world.size, "world_size": self.world.size}
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        raise KeelError("distributed: checkpoints of DiLoCo over FSDP (shard_group > 1) are not written yet: "
-                        "set resilience.checkpoint_every and checkpoint_seconds to 0", field="distributed.shard_group")
+        """This rank's shards of the global weights and momentum, as views (DCP loads into them)."""
+        tensors, _ = super().state()
+        return {key: as_placed(t, self.params[int(key.partition(".")[2])]) for key, t in tensors.items()}, self.layout()
+
+    def check_resume(self, meta: dict) -> None:
+        same_layout(meta, self.layout())
+
+    def checkpoint_shards(self, shards: dict) -> dict:
+        own = {part: shards[part] for part in ("model", "optimizer") if part in shards}
+        return {f"group{self.replica}": own, **{part: t for part, t in shards.items() if part not in own}}
+
+
+def as_placed(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`t`, this rank's part of a tensor shaped as `param`, as a DTensor sharded as `param` is
+    (sharing `t`'s memory); `t` itself where `param` is a plain tensor."""
+    if not isinstance(param, DTensor):
+        return t
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def same_layout(saved: dict, mine: dict) -> None:
+    """KeelError unless a checkpoint's DiLoCo-over-FSDP layout `saved` ({"shard_group", "world_size"},
+    or {} from any other sync) is this run's (`mine`, likewise): DCP maps shards onto other ranks,
+    not one group's model onto another group."""
+    keys = ("shard_group", "world_size")
+    was, now = ({k: d[k] for k in keys if k in d} for d in (saved, mine))
+    if was != now:
+        wrote, runs = (f"DiLoCo over FSDP (shard_group {d['shard_group']}, {d['world_size']} ranks)" if d
+                       else "another sync than DiLoCo over FSDP" for d in (was, now))
+        raise KeelError(f"the checkpoint was written by {wrote} and this run is {runs}: resume with the "
+                        "distributed settings and number of ranks that wrote it, or start a fresh run",
+                        field="distributed.shard_group")
 
 
 def shard_layers(model: torch.nn.Module, device: torch.device, mesh=None, offload: bool = False) -> None:
@@ -332,10 +400,12 @@ class FSDP(DataParallel):
     The loss weights are DDP's (`share`): FSDP's reduce-scatter divides the sum of the ranks'
     gradients by the world size, as DDP's all-reduce does, so rank r's loss times
     `n_r * ranks / n_total` gives the gradient of the mean over every rank's units. FSDP's own
-    collectives do not pass through `Comm`, so `comm_bytes` counts only keel's (metrics, control).
+    collectives are counted into `comm_bytes` as "fsdp" (`comm.count_fsdp`).
     Every forward and backward of a sharded module is a collective: each rank must run as many,
     in the same order (`passes`), and nothing may run one on a single rank (sampling, evaluation:
-    the RL trainer keeps a plain copy for them, fed `full_state`).
+    the RL trainer keeps a plain copy for them, fed `full_state`). The chunked LM head runs the
+    decoder and the head outside the root's `forward`, as a forward method registered with FSDP
+    (engine/head.head_logprobs), so the root's weights are gathered for it all the same.
     The trainers build their optimizer after this (over the sharded DTensor parameters), and
     keel.resilience.state turns the sharded model and optimizer into checkpoints."""
 
@@ -348,6 +418,7 @@ class FSDP(DataParallel):
             return
         for module in (model, *frozen):
             shard_layers(module, device, offload=offload)
+            count_fsdp(module, comm)  # FSDP's own collectives into comm_bytes, as "fsdp"
         self.params = [p for p in model.parameters() if p.requires_grad]  # now DTensors
 
     def grads(self) -> None:
@@ -398,7 +469,7 @@ def make_sync(cfg: DistributedConfig, model: torch.nn.Module, device: torch.devi
     world = init_world(device)
     comm = Comm(world, device, cfg.link_gbps, cfg.link_latency_ms)
     if cfg.sync == "diloco" and cfg.shard_group > 1 and world.size > 1:
-        return ShardedDiLoCo(model, comm, cfg, device)
+        return ShardedDiLoCo(model, comm, cfg, device, frozen)
     if cfg.sync == "fsdp":
         return FSDP(model, comm, device, cfg.offload, frozen)
     sync = DiLoCo(model, comm, cfg) if cfg.sync == "diloco" else DDP(model, comm)

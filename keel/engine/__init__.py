@@ -1,6 +1,7 @@
 """The sampling engine: token ids in; tokens, per-token sampler log-probs and finish flags out.
 
-sampler.py (batched sampling with a preallocated KV cache, the sampling rule, and the
-teacher-forced scorer), kvcache.py, batching.py (continuous batching for serving) and
-backends.py (torch on any device, ONNX Runtime on any provider).
+batching.py (the one engine: continuous batching, batched prefill and sampling; RL rollouts,
+eval, label, parity and serve all run it), sampler.py (the sampling rule and the teacher-forced
+scorer), kvcache.py (the torch backend's in-place KV cache) and backends.py (torch on any
+device, ONNX Runtime on any provider).
 """

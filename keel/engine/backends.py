@@ -5,12 +5,14 @@ A backend is anything with `forward(ids_BS, mask_BT, pos_BS, past) -> (logits_BS
 - `ids_BS`   the new tokens (S = prompt length at prefill, 1 at decode), int64;
 - `mask_BT`  1/0 over the T = past + S columns (left padding is 0), int64;
 - `pos_BS`   each new token's position, counted from its row's first real token, int64;
-- `past`     the KV cache as a flat list [k0, v0, k1, v1, ...] of [B, H, T_past, D] tensors
-             (`empty_past(B)` at prefill); `present` is the same list with S columns appended.
+- `past`     the KV cache (`empty_past(B)` at prefill); `present` holds S more columns;
+- `logits_to_keep`  0: logits of every new token; n: of the last n only (a backend may give more).
 
 Logits come back as fp32 torch tensors on the backend's device, whatever the backend computes in.
-The cache is opaque to callers except for two facts the batching engine relies on: dim 0 is the
-batch and dim 2 is time, so rows can be joined, padded on the left with zeros and dropped.
+The cache is the backend's own: the batching engine changes its rows only through `join` (add the
+rows of a prefill's cache, the narrower side padded on the left) and `keep` (drop rows, trim
+columns on the left). `TorchBackend` writes it in place in preallocated buffers
+(keel.engine.kvcache); `OrtBackend` passes lists of tensors through its graph (`ListCache`).
 
 Two backends: `TorchBackend` (any HF causal LM on any torch device, npu included, in fp32, bf16 or
 fp16) and `OrtBackend` (an exported ONNX graph on any ONNX Runtime execution provider). The sampler
@@ -18,14 +20,17 @@ and the stop rules are not here: they are the rollout engine's, applied by `keel
 
 Both can follow a model that is training (RL rollouts on another backend): `TorchBackend` holds its
 own copy, and `OrtBackend.from_model` exports the model once (fp32, fp16, or int8 / int4 weights
-quantized by ONNX Runtime's tools: keel.engine.quantize); `load_weights(model)` then puts the
-model's current weights in, without re-exporting or re-quantizing the graph with the tools.
+quantized by ONNX Runtime's tools: keel.engine.quantize); `load_weights(state)` then puts the
+model's current weights (its full state dict) in, without re-exporting or re-quantizing the graph
+with the tools.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import io
 import json
 import logging
@@ -38,8 +43,10 @@ import torch
 from torch import Tensor
 
 from keel.errors import KeelError
+from keel.engine import kvcache
 from keel.engine.kvcache import cache_kwarg
 from keel.engine.quantize import QUANTIZED, quantize_graph, weight_feeds
+from keel.models import eager_if_soft_capped
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # An ONNX graph's dtype -> the dtype its activations and KV cache have: int8 and int4 graphs
@@ -58,10 +65,44 @@ class Backend(Protocol):
     vocab_size: int
     max_context: int   # positions the model was built for
 
-    def empty_past(self, batch: int) -> list[Tensor]: ...
+    def empty_past(self, batch: int): ...
 
-    def forward(self, ids_BS: Tensor, mask_BT: Tensor, pos_BS: Tensor,
-                past: list[Tensor]) -> tuple[Tensor, list[Tensor]]: ...
+    def forward(self, ids_BS: Tensor, mask_BT: Tensor, pos_BS: Tensor, past,
+                logits_to_keep: int = 0) -> tuple[Tensor, object]: ...
+
+    def join(self, past, new, rows: list[int], capacity: int): ...
+
+    def keep(self, past, rows: list[int], first: int): ...
+
+
+class ListCache:
+    """The cache calls of a backend whose cache is a flat list [k0, v0, k1, v1, ...] of [B, H, T, D]
+    tensors and whose `forward` returns a new list (OrtBackend): each call builds new tensors."""
+
+    def join(self, past: list[Tensor] | None, new: list[Tensor], rows: list[int], capacity: int) -> list[Tensor]:
+        """`past`'s rows (None: no rows yet) then rows `rows` of `new` (a prefill's cache), aligned on
+        their last column: the narrower side is padded on the left with zeros. `capacity` (the widest
+        the batch can grow to) does not matter to lists."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        new = [t.index_select(0, idx.to(t.device)) for t in new]
+        if past is None:
+            return new
+        W = max(past[0].shape[2], new[0].shape[2])
+        return [torch.cat([pad_left(a, W - a.shape[2]), pad_left(b, W - b.shape[2])], 0) for a, b in zip(past, new)]
+
+    def keep(self, past: list[Tensor], rows: list[int], first: int) -> list[Tensor]:
+        """`past` with only rows `rows` and its first `first` columns dropped."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        return [t.index_select(0, idx.to(t.device))[:, :, first:] for t in past]
+
+
+def pad_left(t: Tensor, n: int) -> Tensor:
+    """Zero columns in front of dim 2 (time) of a [B, H, T, D] cache tensor."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[2] = n
+    return torch.cat([t.new_zeros(shape), t], 2)
 
 
 def check_dtype(dtype: str) -> torch.dtype:
@@ -95,8 +136,9 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 class KVModel(torch.nn.Module):
-    """An HF causal LM as a pure function of flat tensors: the torch backend runs it and the ONNX
-    exporter traces it, so both compute exactly the same graph."""
+    """An HF causal LM as a pure function of flat tensors, which the ONNX exporter traces. The torch
+    backend builds one too, so that both refuse the same layers and run soft-capped attention
+    eagerly (`eager_if_soft_capped`: `model` is switched in place)."""
 
     def __init__(self, model):
         super().__init__()
@@ -105,6 +147,7 @@ class KVModel(torch.nn.Module):
             other = sorted(types - FULL_CACHE_LAYERS)
             raise KeelError(f"{type(model).__name__} has {', '.join(other) or 'no attention'} layers: the keel engine's "
                             f"KV cache serves only {' and '.join(sorted(FULL_CACHE_LAYERS))} layers", field="model")
+        eager_if_soft_capped(model)
         self.model = model
         self.layers = model.config.num_hidden_layers
         self.cache_kw = cache_kwarg(model)
@@ -125,37 +168,93 @@ class KVModel(torch.nn.Module):
 
 class TorchBackend:
     """Any HF causal LM on any torch device (cpu, cuda, npu, xpu, mps) in fp32, bf16 or fp16.
-    It moves and casts `model` in place: pass a copy to keep the original."""
+    It moves and casts `model` in place: pass a copy to keep the original; `TorchBackend.of(model)`
+    samples from a model where it is, as it is. Its KV cache lives in preallocated buffers written
+    in place (keel.engine.kvcache): a decode step copies nothing but its own column."""
 
     def __init__(self, model, device: torch.device, dtype: str = "fp32"):
-        self.dtype = check_dtype(dtype)
-        self.device = torch.device(device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.kv = KVModel(self.model)
-        self.layers, self.kv_heads, self.head_dim = kv_shape(model.config)
+        self._wrap(model.to(device=torch.device(device), dtype=check_dtype(dtype)), dtype)
+
+    @classmethod
+    def of(cls, model, compile: bool = False) -> "TorchBackend":
+        """`model` itself, on its device and in its dtype: nothing is moved, cast or copied (a cast
+        would also round its fp32 buffers). It is put in eval mode: the caller restores its mode.
+        `compile`: decode steps run through torch.compile (opt-in: the first call per model class
+        compiles, tens of seconds on a CPU; forward hooks do not see compiled steps); if compiling
+        fails, that step runs eagerly, with a warning, and the class stays eager."""
+        dtype = {v: k for k, v in DTYPES.items()}.get(next(model.parameters()).dtype)
+        if dtype is None:
+            raise KeelError(f"the torch engine runs {', '.join(DTYPES)} models, not {next(model.parameters()).dtype}",
+                            field="dtype")
+        backend = cls.__new__(cls)
+        backend._wrap(model, dtype, compile)
+        return backend
+
+    def _wrap(self, model, dtype: str, compile: bool = False) -> None:
+        self.compile = compile
+        KVModel(model)  # refuses the attention layers a cache of every column would serve wrongly
+        self.model, self.dtype = model.eval(), DTYPES[dtype]
+        self.device = next(model.parameters()).device
+        self.cache_kw = cache_kwarg(model)
+        self.keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_context = getattr(model.config, "max_position_embeddings", None) or 2048
         self.name = f"torch:{self.device.type}:{dtype}"
 
-    def empty_past(self, batch: int) -> list[Tensor]:
-        return [torch.zeros(batch, self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
-                for _ in range(2 * self.layers)]
+    def empty_past(self, batch: int) -> kvcache.Cache:
+        return kvcache.buffer_cache(self.layers)
 
     @torch.no_grad()
-    def forward(self, ids_BS, mask_BT, pos_BS, past):
-        logits_BSV, present = self.kv(ids_BS.to(self.device), mask_BT.to(self.device), pos_BS.to(self.device), past)
-        return logits_BSV.float(), present
+    def forward(self, ids_BS, mask_BT, pos_BS, past, logits_to_keep: int = 0):
+        """Logits, and `past` itself with the new columns written into its buffers."""
+        kwargs = dict(input_ids=ids_BS.to(self.device), attention_mask=mask_BT.to(self.device),
+                      position_ids=pos_BS.to(self.device), use_cache=True, **{self.cache_kw: past})
+        if self.keep_kw:
+            kwargs["logits_to_keep"] = logits_to_keep
+        compiled = compiled_forward(self.model) if self.compile and ids_BS.shape[1] == 1 else None
+        if compiled is not None:
+            ends = [layer.end for layer in past.layers]
+            try:
+                return compiled(**kwargs).logits.float(), past
+            except Exception as e:  # no C++ compiler, an op inductor cannot lower, ...
+                for layer, end in zip(past.layers, ends):  # the failed step may have written its column
+                    layer.rewind(end)
+                _COMPILED[type(self.model)] = None
+                reason = (str(e).strip().splitlines() or [""])[0]
+                warnings.warn(f"torch.compile failed for {type(self.model).__name__} ({type(e).__name__}: "
+                              f"{reason}); decoding eagerly", stacklevel=2)
+        return self.model(**kwargs).logits.float(), past
+
+    def join(self, past: kvcache.Cache | None, new: kvcache.Cache, rows: list[int], capacity: int) -> kvcache.Cache:
+        return kvcache.join(past, new, rows, capacity)
+
+    def keep(self, past: kvcache.Cache, rows: list[int], first: int) -> kvcache.Cache:
+        return kvcache.keep(past, rows, first)
 
     @torch.no_grad()
-    def load_weights(self, model) -> None:
-        """Copy `model`'s current weights (same architecture, any device and dtype) into this
-        backend's own, cast to its dtype; with equal devices and dtypes, bit for bit."""
-        source = model.state_dict()
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        """Copy `state` (a model's full weights by this model's `state_dict()` names, on any device
+        and in any dtype) into this backend's own, cast to its dtype; with equal devices and dtypes,
+        bit for bit."""
         for name, tensor in self.model.state_dict().items():
-            tensor.copy_(source[name])
+            tensor.copy_(state[name])
 
 
-class OrtBackend:
+# One compiled forward per model class (None: compiling failed). The function is compiled unbound
+# so the cache holds no model alive; dynamic=True gives one graph for all batch sizes and lengths.
+_COMPILED: dict[type, object] = {}
+
+
+def compiled_forward(model):
+    cls = type(model)
+    if cls not in _COMPILED:
+        _COMPILED[cls] = torch.compile(cls.forward, dynamic=True)
+    fn = _COMPILED[cls]
+    return None if fn is None else functools.partial(fn, model)
+
+
+class OrtBackend(ListCache):
     """An ONNX graph written by `keel export` on any ONNX Runtime execution provider.
 
     Tensors cross into ONNX Runtime as numpy arrays on the host: simple and right everywhere; on
@@ -221,13 +320,14 @@ class OrtBackend:
         backend._open(backend.proto.SerializeToString(), backend.provider, threads)
         return backend
 
-    def load_weights(self, model) -> None:
-        """Write `model`'s current weights, quantized as the graph's were, into the graph's
-        initializers and open a new session over it (a backend from `from_model`)."""
+    def load_weights(self, state: dict[str, Tensor]) -> None:
+        """Write `state` (the model's full weights by its `state_dict()` names; only those the graph
+        reads are used), quantized as the graph's were, into the graph's initializers and open a new
+        session over it (a backend from `from_model`)."""
         assert self.feeds, "load_weights needs an OrtBackend made by OrtBackend.from_model"
         dtype = self.meta["dtype"]
-        state = fp32_state(model, {key for key, _ in self.feeds.values()})
-        for name, w in cast_fp16(weight_feeds(self.feeds, state, dtype), dtype).items():
+        weights = fp32_state(state, {key for key, _ in self.feeds.values()})
+        for name, w in cast_fp16(weight_feeds(self.feeds, weights, dtype), dtype).items():
             self.weight_tensors[name].raw_data = w.tobytes()  # same name, dtype and shape: only the bytes change
         self._open(self.proto.SerializeToString(), self.provider, self.threads)
 
@@ -235,7 +335,7 @@ class OrtBackend:
         return [torch.zeros(batch, self.kv_heads, 0, self.head_dim, dtype=self.cache_dtype)
                 for _ in range(2 * self.layers)]
 
-    def forward(self, ids_BS, mask_BT, pos_BS, past):
+    def forward(self, ids_BS, mask_BT, pos_BS, past, logits_to_keep: int = 0):
         feeds = {"input_ids": ids_BS.cpu().numpy(), "attention_mask": mask_BT.cpu().numpy(),
                  "position_ids": pos_BS.cpu().numpy()}
         feeds.update({name: t.cpu().numpy() for name, t in zip(self.past_names, past)})
@@ -344,10 +444,9 @@ def export_with_weight_inputs(model, dtype: str = "fp32") -> tuple[dict, object,
     return graph_meta(traced, dtype), proto, weight_names
 
 
-def fp32_state(model, keys=None) -> dict:
-    """`model`'s parameters (those named in `keys`, default all) as fp32 numpy copies on the host."""
-    source = model.state_dict()
-    return {key: source[key].detach().to("cpu", torch.float32, copy=True).numpy() for key in keys or source}
+def fp32_state(state: dict[str, Tensor], keys=None) -> dict:
+    """The tensors of `state` (those named in `keys`, default all) as fp32 numpy copies on the host."""
+    return {key: state[key].detach().to("cpu", torch.float32, copy=True).numpy() for key in keys or state}
 
 
 def rollout_graph(model, dtype: str = "fp32"):
@@ -360,7 +459,7 @@ def rollout_graph(model, dtype: str = "fp32"):
     if dtype not in ORT_DTYPES:
         raise KeelError(f"the onnxruntime backend runs {', '.join(ORT_DTYPES)} graphs, not {dtype!r}", field="dtype")
     meta, proto, weight_names = export_with_weight_inputs(model, ORT_DTYPES[dtype])
-    state = fp32_state(model, set(weight_names.values()))
+    state = fp32_state(model.state_dict(), set(weight_names.values()))
     made_by_tool = {}
     if dtype in QUANTIZED:
         proto, feeds, made_by_tool = quantize_graph(proto, weight_names, state, dtype)

@@ -2,21 +2,31 @@
 
 Each `Engine.step()`:
 1. drops cancelled rows (a client that went away frees its slot at once);
-2. admits waiting requests while there is room: each is prefilled alone (no padding inside a
-   prefill, so no pad query ever attends to nothing) and samples its first token; requests
-   admitted in the same step with the same prompt (an RL group, `n` choices of one request) share
-   one prefill: a prompt prefilled alone gives the same logits and cache whoever sent it;
-3. runs ONE decode step for every running row together and samples each row's next token;
-4. retires rows that produced a stop token or reached their token budget.
+2. admits waiting requests while there is room, and prefills them together: one left-padded
+   batch, position ids counting from each row's first real token, so a row gets what it would get
+   alone (to float rounding); requests admitted in the same step with the same prompt (an RL
+   group, `n` choices of one request) share one prefill row. Pad queries attend to pads only;
+   their outputs are never used, and the attention masks keep them finite (a NaN there would
+   reach the real rows through the cache: tests/unit/test_engine_contract.py checks). If the
+   batched prefill raises, each prompt is prefilled alone, so only the prompt at fault fails;
+3. runs ONE decode step for every running row together;
+4. samples: rows that share their `SamplingParams` and their generator object and need nothing
+   per row (no penalties, no top-k or log-prob records) are sampled in ONE `sample_next` call over
+   their [n, V] logits, in row order, so a batch whose rows share one generator (`generate(...,
+   generator=g)`: RL rollouts, eval, label) draws deterministically; requests with their own
+   generators (`keel serve`, seeded per request) sample alone;
+5. retires rows that produced a stop token or reached their token budget.
 
 The batch's KV cache is left-padded: every row's newest token sits in the last column, so a decode
-step appends one column for everyone. A newly admitted row is padded on the left with zeros (or
-the batch is, if the newcomer is longer), and columns that no row uses any more are trimmed when
-rows retire, so the cache is never wider than the longest running row.
+step appends one column for everyone. It is the backend's own (a torch backend writes it in place
+in preallocated buffers); the engine changes its rows only through `backend.join` (newcomers, the
+narrower side padded on the left with zeros) and `backend.keep` (retired rows dropped, columns no
+row uses any more trimmed), so the cache is never wider than the longest running row.
 
-Sampling and stop rules are the rollout engine's: `keel.engine.sampler.sample_next` with each request's own
-`SamplingParams` and seeded generator, and a row ends at EOS or one of its stop ids (kept in its
-tokens) or after `max_new_tokens`. `generate()` runs the same engine offline for a list of prompts.
+Sampling and stop rules are the rollout engine's: `keel.engine.sampler.sample_next` with each
+request's `SamplingParams` and generator, and a row ends at EOS or one of its stop ids (kept in its
+tokens) or after `max_new_tokens`. `generate()` runs the same engine offline for a list of prompts
+(`keel.completions` turns its requests into a `Rollout` for RL, eval and label).
 
 The engine is driven either synchronously (`run_until_idle`) or by a background thread
 (`start`/`stop`) while other threads `submit` requests; per-token callbacks run on the engine's
@@ -120,7 +130,7 @@ class Engine:
         self._stop = False
         # the running batch (touched by the engine thread only)
         self._rows: list[Request] = []
-        self._cache: list[Tensor] = []
+        self._cache = None                    # the backend's KV cache of the running rows
         self._mask_BT: Tensor | None = None   # int64 [B, T], 1 at real columns
         self._next_B: list[int] = []          # each row's last sampled token, not yet in the cache
         self._pos_B: list[int] = []           # the position that token will take
@@ -170,8 +180,8 @@ class Engine:
                 self._waiting = deque(r for r in self._waiting if not r.cancelled)
         for req in gone:
             self._finish(req, "cancelled")
-        prefills: dict[tuple[int, ...], tuple] = {}  # this step's prompts -> (logits, present)
-        while len(self._rows) < self.max_batch:
+        admitted = []
+        while len(self._rows) + len(admitted) < self.max_batch:
             with self._cv:
                 req = self._waiting.popleft() if self._waiting else None
             if req is None:
@@ -179,104 +189,156 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "cancelled")
             else:
-                self._admit_alone(req, prefills)
+                admitted.append(req)
+        if admitted:
+            self._admit(admitted)
         if self._rows:
             self._decode()
         return bool(self._rows or self._waiting)
-
-    def _admit_alone(self, req: Request, prefills: dict) -> None:
-        """Admit `req`; if its prefill or first sample fails, it fails alone (the batch is only
-        changed once everything about the newcomer has been computed). Out of the queue and not
-        yet a row, it would otherwise be in no list the failure path finishes."""
-        try:
-            self._admit(req, prefills)
-        except Exception as e:
-            self._fail(req, e)
 
     def _fail(self, req: Request, e: Exception) -> None:
         log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
         if not req.done:
             self._finish(req, "error", f"{type(e).__name__}: {e}")
 
-    def _admit(self, req: Request, prefills: dict) -> None:
-        """Prefill `req` (or reuse `prefills`' run of the same prompt: nothing below changes a
-        cache tensor in place), sample its first token, and join it to the batch."""
-        P = len(req.prompt)
-        key = tuple(req.prompt)
-        if key in prefills:
-            logits, present = prefills[key]
-            self.stats.shared_prefills += 1
-        else:
-            ids = torch.tensor([req.prompt], dtype=torch.long)
-            logits, present = self.backend.forward(ids, torch.ones(1, P, dtype=torch.long),
-                                                   torch.arange(P).unsqueeze(0), self.backend.empty_past(1))
-            prefills[key] = logits, present
-        self.stats.admitted += 1
-        self.stats.prompt_tokens += P
-        if req.prompt_logprobs:
-            _score_prompt(req, logits[0])
-        if req.score_only:
-            self._finish(req, "length")
+    def _prefill(self, prompts: list[tuple[int, ...]], all_logits: bool) -> tuple[Tensor, Tensor, object]:
+        """One left-padded prefill of `prompts`: (logits_BSV, mask_BS, cache); the logits of every
+        column when `all_logits`, else of the last (every row's last prompt token) at least."""
+        P = max(len(p) for p in prompts)
+        ids_BP = torch.zeros(len(prompts), P, dtype=torch.long)
+        mask_BP = torch.zeros(len(prompts), P, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask_BP[i, P - len(p):] = 1
+        pos_BP = (mask_BP.cumsum(-1) - 1).clamp(min=0)
+        logits_BSV, cache = self.backend.forward(ids_BP, mask_BP, pos_BP, self.backend.empty_past(len(prompts)),
+                                                 logits_to_keep=0 if all_logits else 1)
+        return logits_BSV, mask_BP, cache
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill `reqs` together (one row per distinct prompt), sample their first tokens, and
+        join those still running to the batch. A request whose prefill or first sample fails
+        fails alone; the batch changes only once everything about the newcomers is computed."""
+        prompts = list(dict.fromkeys(tuple(r.prompt) for r in reqs))
+        all_logits = any(r.prompt_logprobs for r in reqs)
+        try:
+            parts = [(prompts, *self._prefill(prompts, all_logits))]
+        except Exception as e:
+            if len(prompts) == 1:
+                parts, errors = [], {prompts[0]: e}
+            else:  # find the prompt at fault: each alone
+                parts, errors = [], {}
+                for p in prompts:
+                    try:
+                        parts.append(([p], *self._prefill([p], all_logits)))
+                    except Exception as e1:
+                        errors[p] = e1
+        where = {p: (k, i) for k, (ps, *_) in enumerate(parts) for i, p in enumerate(ps)}
+        live, last = [], []
+        for req in reqs:
+            key = tuple(req.prompt)
+            if key not in where:
+                self._fail(req, errors[key])
+                continue
+            k, i = where[key]
+            logits_BSV, mask_BP = parts[k][1], parts[k][2]
+            self.stats.admitted += 1
+            self.stats.prompt_tokens += len(req.prompt)
+            if req.prompt_logprobs:
+                _score_prompt(req, logits_BSV[i, logits_BSV.shape[1] - len(req.prompt):])
+            if req.score_only:
+                self._finish(req, "length")
+                continue
+            live.append(req)
+            last.append(logits_BSV[i, -1])
+        self.stats.shared_prefills += len(reqs) - len(prompts)
+        if not live:
             return
-        if self._emit(req, logits[:, -1, :]):
-            return
-        T = self._mask_BT.shape[1] if self._rows else 0
-        width = max(T, P)
-        row_mask = torch.cat([torch.zeros(1, width - P, dtype=torch.long), torch.ones(1, P, dtype=torch.long)], 1)
-        present = [_pad_left(t, width - P) for t in present]
-        if self._rows:
-            cache = [torch.cat([_pad_left(c, width - T), p], 0) for c, p in zip(self._cache, present)]
-            self._cache, self._mask_BT = cache, torch.cat([_pad_left_2d(self._mask_BT, width - T), row_mask], 0)
-        else:
-            self._cache, self._mask_BT = present, row_mask
-        self._rows.append(req)
-        self._next_B.append(req.tokens[-1])
-        self._pos_B.append(P)
+        done = self._sample(live, torch.stack(last))
+        joining = [r for r, d in zip(live, done) if not d]
+        capacity = max(len(r.prompt) + r.params.max_new_tokens for r in self._rows + joining) if joining else 0
+        for k, (ps, _, mask_BP, cache) in enumerate(parts):
+            mine = [r for r in joining if where[tuple(r.prompt)][0] == k]
+            if not mine:
+                continue
+            rows = [where[tuple(r.prompt)][1] for r in mine]
+            self._cache = self.backend.join(self._cache if self._rows else None, cache, rows, capacity)
+            new_mask = mask_BP[rows]
+            if self._rows:
+                W = max(self._mask_BT.shape[1], new_mask.shape[1])
+                self._mask_BT = torch.cat([_pad_left_2d(self._mask_BT, W - self._mask_BT.shape[1]),
+                                           _pad_left_2d(new_mask, W - new_mask.shape[1])], 0)
+            else:
+                self._mask_BT = new_mask
+            for r in mine:
+                self._rows.append(r)
+                self._next_B.append(r.tokens[-1])
+                self._pos_B.append(len(r.prompt))
 
     def _decode(self) -> None:
         B = len(self._rows)
         ids_B1 = torch.tensor(self._next_B, dtype=torch.long).unsqueeze(1)
         pos_B1 = torch.tensor(self._pos_B, dtype=torch.long).unsqueeze(1)
         mask_BT = torch.cat([self._mask_BT, torch.ones(B, 1, dtype=torch.long)], 1)
-        logits_B1V, self._cache = self.backend.forward(ids_B1, mask_BT, pos_B1, self._cache)
+        logits_B1V, self._cache = self.backend.forward(ids_B1, mask_BT, pos_B1, self._cache, logits_to_keep=1)
         self._mask_BT = mask_BT
         self.stats.decode_steps += 1
         self.stats.decode_rows += B
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, B)
-        finished = []
+        done = self._sample(self._rows, logits_B1V[:, -1])
         for i, req in enumerate(self._rows):
-            try:
-                done = self._emit(req, logits_B1V[i:i + 1, -1, :])
-            except Exception as e:  # this row's sampling failed: it ends, the others go on
-                self._fail(req, e)
-                done = True
-            if done:
-                finished.append(i)
-            else:
+            if not done[i]:
                 self._next_B[i] = req.tokens[-1]
                 self._pos_B[i] += 1
-        self._retire(finished)
+        self._retire([i for i, d in enumerate(done) if d])
 
-    def _emit(self, req: Request, logits_1V: Tensor) -> bool:
-        """Sample one token for `req`, record it, and say whether the request is now finished."""
-        raw_1V = logits_1V
+    def _sample(self, reqs: list[Request], logits_BV: Tensor) -> list[bool]:
+        """Sample one token for each of `reqs` (row i of `logits_BV` is req i's), record it, and
+        say which requests are now finished (a request whose sampling fails ends alone)."""
+        groups: dict[tuple, list[int]] = {}  # rows sampled in one call, in row order
+        for i, req in enumerate(reqs):
+            plain = not (req.presence_penalty or req.frequency_penalty or req.top_k or req.top_logprobs >= 0)
+            groups.setdefault((req.params, id(req.generator)) if plain else ("alone", i), []).append(i)
+        drawn: dict[int, tuple[int, float]] = {}
+        for rows in groups.values():
+            if len(rows) > 1:
+                req = reqs[rows[0]]
+                try:
+                    tok_B, logp_B = sample_next(logits_BV[rows], req.params, req.generator)
+                    drawn.update(zip(rows, zip(tok_B.tolist(), logp_B.tolist())))
+                    continue
+                except Exception:  # e.g. NaN logits in one row: sample each alone, so that only it fails
+                    pass
+            for i in rows:
+                try:
+                    drawn[i] = self._sample_alone(reqs[i], logits_BV[i:i + 1])
+                except Exception as e:
+                    self._fail(reqs[i], e)
+        return [reqs[i].done if i not in drawn else self._record(reqs[i], *drawn[i], logits_BV[i])
+                for i in range(len(reqs))]
+
+    def _sample_alone(self, req: Request, logits_1V: Tensor) -> tuple[int, float]:
+        """Sample `req`'s token with its penalties, and record its top-k ids."""
         if req.presence_penalty or req.frequency_penalty:
             if req.counts is None:
                 req.counts = torch.zeros(logits_1V.shape[-1], device=logits_1V.device)
             logits_1V = (logits_1V.float() - req.counts * req.frequency_penalty
                          - (req.counts > 0).float() * req.presence_penalty)
         tok, logp = sample_next(logits_1V, req.params, req.generator)
-        token = int(tok[0])
+        if req.top_k:
+            req.topk.append(logits_1V[0].topk(min(req.top_k, logits_1V.shape[-1])).indices.tolist())
+        return int(tok[0]), float(logp[0])
+
+    def _record(self, req: Request, token: int, logp: float, raw_V: Tensor) -> bool:
+        """Record `req`'s sampled token and say whether the request is now finished."""
         req.tokens.append(token)
-        req.logprobs.append(float(logp[0]))
+        req.logprobs.append(logp)
         if req.counts is not None:
             req.counts[token] += 1
         if req.top_logprobs >= 0:
-            lp_V = torch.log_softmax(raw_1V[0].float(), -1)
+            lp_V = torch.log_softmax(raw_V.float(), -1)
             req.raw_logprobs.append(float(lp_V[token]))
             req.raw_top.append(_top(lp_V, req.top_logprobs))
-        if req.top_k:
-            req.topk.append(logits_1V[0].topk(min(req.top_k, logits_1V.shape[-1])).indices.tolist())
         self.stats.generated_tokens += 1
         if req.on_token is not None:
             req.on_token(req, token)
@@ -303,18 +365,18 @@ class Engine:
                 self._finish(self._rows[i], "cancelled")
         if not rows:
             return
-        keep = [i for i in range(len(self._rows)) if i not in set(rows)]
+        gone = set(rows)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
         self._next_B = [self._next_B[i] for i in keep]
         self._pos_B = [self._pos_B[i] for i in keep]
         if not keep:
-            self._cache, self._mask_BT = [], None
+            self._cache, self._mask_BT = None, None
             return
-        idx = torch.tensor(keep, dtype=torch.long)
-        mask_BT = self._mask_BT[idx]
+        mask_BT = self._mask_BT[keep]
         first = int(mask_BT.any(0).long().argmax())  # first column some row still uses
         self._mask_BT = mask_BT[:, first:]
-        self._cache = [c.index_select(0, idx.to(c.device))[:, :, first:] for c in self._cache]
+        self._cache = self.backend.keep(self._cache, keep, first)
 
     def fail_all(self, message: str) -> None:
         """Finish every running and waiting request with an error (the backend broke)."""
@@ -323,7 +385,7 @@ class Engine:
         for req in self._rows + waiting:
             if not req.done:
                 self._finish(req, "error", message)
-        self._rows, self._next_B, self._pos_B, self._cache, self._mask_BT = [], [], [], [], None
+        self._rows, self._next_B, self._pos_B, self._cache, self._mask_BT = [], [], [], None, None
 
     # ------------------------------------------------------------------ driving it
 
@@ -379,30 +441,27 @@ def _score_prompt(req: Request, logits_PV: Tensor) -> None:
     req.prompt_scores = [(None, [])] + [(c, _top(lp_PV[i], k)) for i, c in enumerate(chosen)]
 
 
-def _pad_left(t: Tensor, n: int) -> Tensor:
-    """Zero columns in front of dim 2 (time) of a [B, H, T, D] cache tensor."""
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[2] = n
-    return torch.cat([t.new_zeros(shape), t], 2)
-
-
 def _pad_left_2d(m: Tensor, n: int) -> Tensor:
     return m if n == 0 else torch.cat([m.new_zeros(m.shape[0], n), m], 1)
 
 
 def generate(backend, prompts: list[list[int]], params: SamplingParams, *, eos_id: int,
-             stop_ids: Collection[int] = (), seed: int = 0, max_batch: int = 64, top_k: int = 0) -> list[Request]:
+             stop_ids: Collection[int] = (), seed: int = 0, max_batch: int = 64, top_k: int = 0,
+             generator: torch.Generator | None = None) -> list[Request]:
     """Complete every prompt with continuous batching; returns the finished requests in prompt
-    order. Each prompt samples from its own generator, seeded with `seed + index`."""
+    order. With `generator` (on the backend's device) every row samples from it, the rows of a
+    step in one call; without, prompt i samples from its own generator, seeded with `seed + i`."""
+    if generator is not None and generator.device.type != backend.device.type:
+        raise KeelError(f"generator is on {generator.device} but the {backend.name} backend samples on "
+                        f"{backend.device}; create it with torch.Generator(device={str(backend.device)!r})")
     engine = Engine(backend, eos_id=eos_id, max_batch=max_batch)
     reqs = []
     for i, p in enumerate(prompts):
-        gen = None
-        if params.temperature > 0:
+        gen = generator
+        if generator is None and params.temperature > 0:
             gen = torch.Generator(device=backend.device)
             gen.manual_seed(seed + i)
-        reqs.append(engine.submit(Request(p, params, gen, stop_ids=stop_ids, top_k=top_k)))
+        reqs.append(Request(p, params, gen, stop_ids=stop_ids, top_k=top_k))
+    engine.submit_all(reqs)
     engine.run_until_idle()
     return reqs

@@ -23,8 +23,8 @@ Determinism. Every request carries its own seed (the call's seed + its row), so 
 does not depend on what else is in the batch or on vLLM's scheduling.
 
 Weight sync. The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here), so
-`load_weights(model)` hands the trainer's tensors straight to the worker's in-place
-`reload_weights`, in checkpoint format (HF parameter names; vLLM fuses q/k/v and gate/up and
+`load_weights(state)` hands the trainer's tensors (its full state dict) straight to the worker's
+in-place `reload_weights`, in checkpoint format (HF parameter names; vLLM fuses q/k/v and gate/up and
 repacks for its kernels as it does when reading a checkpoint), then drops the prefix cache, whose
 KV blocks the old weights computed. Only the start writes to disk: the trainer's model is saved
 once to a temporary HF directory for vLLM to load.
@@ -71,7 +71,7 @@ def default_kv_cache_bytes(config, dtype: str, max_context: int, max_batch: int)
 
 class VllmSampler:
     """vLLM's offline engine over a model directory, as a keel sampler: `generate` (ids in,
-    Rollout out) and `load_weights(model)` (a training model's current weights, in memory)."""
+    Rollout out) and `load_weights(state)` (a training model's current weights, in memory)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "fp32", seed: int = 0,
                  max_batch: int = 64, max_context: int | None = None, kv_cache_bytes: int | None = None):
@@ -117,7 +117,7 @@ class VllmSampler:
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: int, seed: int = 0,
                  stop_ids=()) -> Rollout:
         """One completion per prompt, row i sampled with seed `seed + i`; the Rollout of
-        `keel.engine.sampler.generate` (eos_id -1: no EOS, every row runs the whole budget)."""
+        `keel.completions.generate` (eos_id -1: no EOS, every row runs the whole budget)."""
         from vllm import SamplingParams as VllmParams
         from vllm.inputs import TokensPrompt
 
@@ -140,10 +140,10 @@ class VllmSampler:
         return Rollout(tokens, logprobs, finished)
 
     @torch.no_grad()
-    def load_weights(self, model) -> None:
-        """Copy `model`'s current weights (same architecture) into the engine's model, then drop
-        the prefix cache that the old weights computed."""
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy `state` (a model's full weights by its `state_dict()` names, same architecture) into
+        the engine's model, then drop the prefix cache that the old weights computed."""
+        weights = [(name, tensor.detach()) for name, tensor in state.items()]
         # The worker's in-place reload, not the model's load_weights: after loading, vLLM repacks
         # some weights into its kernels' layouts, which a plain load_weights cannot write into.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})

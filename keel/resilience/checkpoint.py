@@ -11,7 +11,9 @@ resume on another number) the model, optimizer and every other tensor that is th
 ranks are not gathered: each rank writes its own shards through torch.distributed.checkpoint
 (DCP) into a subfolder
   dcp/                 DCP's `.metadata` and one `__<rank>_<n>.distcp` per writing rank, keyed by
-                       parameter name, so DCP can load them onto any number of ranks (resharding)
+                       parameter name, so DCP can load them onto any number of ranks (resharding);
+                       under DiLoCo over FSDP each group's model and optimizer under `group<g>.`
+                       (keel.distributed.sync.ShardedDiLoCo), resumed in the same layout only
 and tensors.safetensors keeps only what differs between ranks (RNG states, ...). Every rank
 writes into the same temporary folder, so a run on several machines needs the checkpoint folder
 on a filesystem they share (as torchtitan assumes).

@@ -8,10 +8,11 @@ range, ratio level, aggregation and which sampling rules are on. This loop reads
 never asks which loss it runs.
 
 Rollouts are sampled by the trainer's own model, or with `cfg.rollout` by another backend (a torch
-copy in another dtype or on another device, or ONNX Runtime), which gets the trainer's weights
-before every step's rollouts. Then the trainer re-scores the rollouts in PyTorch (pi_old) and
-weights each token's loss by the off-policy correction of pi_old against the sampler's own
-log-probs (mu): keel/rl/correction.py. With `async_steps: 1` the sampler (a copy, if not another
+copy in another dtype or on another device, ONNX Runtime, or vLLM), which gets the trainer's full
+weights as a state dict (under LoRA with the adapters merged in: keel.models.LoraMerge) before a
+step's rollouts whenever they changed. Then the trainer re-scores the rollouts in PyTorch
+(pi_old) and weights each token's loss by the off-policy correction of pi_old against the
+sampler's own log-probs (mu): keel/rl/correction.py. With `async_steps: 1` the sampler (a copy, if not another
 backend) samples step n+1's batch in a worker thread while the trainer learns from step n's
 (keel/rl/overlap.py); the batch in flight is part of the checkpoint.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from keel.completions import complete
 from keel.config import EvalConfig, RLConfig, RolloutConfig
@@ -35,7 +37,7 @@ from keel.distributed.sync import full_state
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.evaluate import evaluate
-from keel.models import enable_gradient_checkpointing, special_ids, with_lora
+from keel.models import LoraMerge, enable_gradient_checkpointing, merged_copy, special_ids, with_lora
 from keel.optim import lr_factor, make_optimizer, set_lr
 from keel.resilience.faults import NO_FAULTS
 from keel.resilience.guard import guarded_update
@@ -113,17 +115,6 @@ class Batch:
         return groups + [rows] if rows else groups
 
 
-class FullWeights:
-    """A model's full weights by name, standing in for the model where a rollout backend reads them
-    (`load_weights` calls `state_dict()`): a sharded model's own state dict holds only its shards."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-
 def merge_stats(parts: list[tuple[dict, float, float, float]]) -> dict:
     """clip_frac and kl of the whole batch from its micro-batches' (stats, ratio units, tokens, _):
     each is a mean over its micro-batch's ratio units (tokens, or sequences) or tokens. One
@@ -134,6 +125,15 @@ def merge_stats(parts: list[tuple[dict, float, float, float]]) -> dict:
     ratio_units, tokens = sum(p[1] for p in parts), sum(p[2] for p in parts)
     return {"clip_frac": sum(s["clip_frac"] * n for s, n, _, _ in parts) / max(1.0, ratio_units),
             "kl": sum(s["kl"] * t for s, _, t, _ in parts) / max(1.0, tokens)}
+
+
+def plain_model(config, weights: dict[str, torch.Tensor], device):
+    """A plain transformers model of `config` holding `weights` (a model's full state by name), in
+    their dtype, on `device`, in eval mode."""
+    dtype = next(t.dtype for t in weights.values() if t.is_floating_point())
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(weights)
+    return model.to(device).eval()
 
 
 def train_prompts(task, seed: int) -> list:
@@ -166,7 +166,9 @@ class RLTrainer:
         self.model = model.to(self.device)
         enable_gradient_checkpointing(self.model, cfg.gradient_checkpointing)
         # The rollout sampler and the KL reference are copies of the plain model, taken before
-        # make_sync: under fsdp it shards self.model in place (and the reference alike).
+        # make_sync: under fsdp it shards self.model in place (and the reference alike). Under LoRA
+        # the sampler holds the plain model with the adapters merged in, and gets merged weights.
+        self.merge = LoraMerge(self.model) if self.peft is not None else None
         self.sampler, self.sampler_is_trainer = self._make_sampler()
         if cfg.async_steps and self.sampler is None:  # the model trains while its copy samples the next batch
             self.sampler = TorchBackend(copy.deepcopy(self.model), self.device, "fp32")
@@ -193,6 +195,8 @@ class RLTrainer:
         self.sampling = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         self.step_idx = 0
         self.pending: Batch | None = None  # async_steps 1: the next step's batch, sampled during this one
+        self.sampler_stale = True  # whether the trainer's weights changed since the sampler last got them
+        self.eval_model = None  # fsdp, a sampler that is no torch copy: rank 0's plain copy for evaluate_every
         self.overlap = Overlap() if cfg.async_steps else None
 
     # -- rollouts ----------------------------------------------------------------------------
@@ -206,31 +210,51 @@ class RLTrainer:
         a collective that the other ranks would have to join. So without `rollout` each rank samples
         on a plain copy (RolloutConfig(): torch, fp32, the trainer's device) fed the gathered full
         weights: on an fp32 trainer that copy is the trainer too, since FSDP's forward on the
-        gathered weights is the plain model's forward (fp32 all the way on CPU: no mixed precision)."""
+        gathered weights is the plain model's forward (fp32 all the way on CPU: no mixed precision).
+        Under LoRA every backend samples the plain model with the adapters merged in (peft's merge,
+        on a copy): the same function to float rounding, not the same arithmetic, so not the trainer."""
         r = self.cfg.rollout
-        if r is None and self.cfg.distributed.sync == "fsdp":
+        if r is None and self.cfg.distributed.sharded:  # fsdp, or diloco over groups of ranks
             r = RolloutConfig()
         if r is None:
             return None, True
+        # LoRA: a plain copy with the adapters merged in. Else the model itself: the onnxruntime and
+        # vLLM samplers export or save it, the torch sampler deep-copies it.
+        plain = merged_copy(self.peft) if self.peft is not None else self.model
         if r.backend == "onnxruntime":
-            return OrtBackend.from_model(self.model, r.provider, dtype=r.dtype), False
+            return OrtBackend.from_model(plain, r.provider, dtype=r.dtype), False
         if r.backend == "vllm":
             rows = self.cfg.rollout_batch_size or self.cfg.prompts_per_step * self.cfg.group_size
-            return VllmSampler.from_model(self.model, device=r.device, dtype=r.dtype, seed=self.cfg.seed,
+            return VllmSampler.from_model(plain, device=r.device, dtype=r.dtype, seed=self.cfg.seed,
                                           max_batch=rows), False
         device = self.device if r.device == "auto" else pick_device(r.device)
         trainer_fp32 = self.cfg.dtype == "fp32" or (self.cfg.dtype == "auto" and not supports_bf16(self.device))
-        same = device == self.device and r.dtype == "fp32" and trainer_fp32
-        return TorchBackend(copy.deepcopy(self.model), device, r.dtype), same
+        same = device == self.device and r.dtype == "fp32" and trainer_fp32 and self.peft is None
+        return TorchBackend(plain if self.peft is not None else copy.deepcopy(plain), device, r.dtype), same
 
-    def sync_sampler(self) -> float:
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        """The trainer's full weights by name, as the sampler takes them: a sharded model's gathered
+        from every rank's shards (a collective), under LoRA with the adapters merged in."""
+        state = full_state(self.model)
+        return state if self.merge is None else self.merge(state)
+
+    def sync_sampler(self, for_eval: bool = False) -> float:
         """Copy the trainer's weights into the rollout backend; the seconds it took. A sharded
         model's full weights are gathered first, on every rank (a collective all ranks run at the
-        same point, so every rank's copy gets them: nothing to broadcast)."""
+        same point, so every rank's copy gets them: nothing to broadcast). `for_eval`: rank 0 also
+        keeps a plain torch model of them for `evaluate_every` if the sampler is not one."""
         t0 = time.perf_counter()
-        self.sampler.load_weights(FullWeights(full_state(self.model)))
+        weights = self.rollout_weights()
+        self.sampler.load_weights(weights)
         synchronize(self.sampler.device)
+        self.sampler_stale = False
+        if for_eval and not self.samples_fp32_torch() and self.sync.world.main:
+            self.eval_model = plain_model(self.model.config, weights, self.device)
         return time.perf_counter() - t0
+
+    def samples_fp32_torch(self) -> bool:
+        """Whether the sampler is a torch copy holding the weights in fp32, as they are gathered."""
+        return isinstance(self.sampler, TorchBackend) and self.sampler.dtype == torch.float32
 
     def _rollout(self, examples) -> Batch:
         if self.sampler is None:
@@ -304,9 +328,10 @@ class RLTrainer:
         t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(self.step_idx, cfg.warmup, cfg.steps, cfg.lr_schedule)
         set_lr(self.optimizer, lr)
-        # The weights reach the sampler before every step's rollouts: after the previous step's
-        # update, and after a resume.
-        sync_s = self.sync_sampler() if self.sampler is not None else 0.0
+        # The weights reach the sampler before a step's rollouts if they changed since it last got
+        # them: after an update, after a resume; not after a skipped step, nor after a step whose
+        # evaluation gathered them already (fsdp).
+        sync_s = self.sync_sampler() if self.sampler is not None and self.sampler_stale else 0.0
         if self.overlap is None:
             batch = self.collect()
         else:  # train on the batch sampled during the last step; sample the next one meanwhile
@@ -328,8 +353,10 @@ class RLTrainer:
                 self.pending = self.overlap.join()
                 row["rollout_s"] += self.overlap.waited_s
         self.step_idx += 1
-        if self.sharded and self.eval_due():  # evaluate_every (rank 0 alone) reads the rollout copy
-            self.sync_sampler()
+        if self.sharded and self.eval_due():
+            # evaluate_every (rank 0 alone) cannot run the sharded model: every rank gathers the
+            # weights now, for its sampler, and the next step's rollouts reuse them (one gather a step).
+            row["weight_sync_s"] += self.sync_sampler(for_eval=True)
         if "tokens" in row:
             row["step_s"] = time.perf_counter() - t0
             row["tokens_per_s"] = row.pop("tokens") / row["step_s"]
@@ -350,25 +377,25 @@ class RLTrainer:
         Rows whose gradient is exactly 0 (zero advantage without a KL term:
         `losses.rows_with_gradient`) are not run; their units still count, so the loss, the
         gradient and clip_frac are those of the whole batch to float rounding, while `entropy` and
-        the mismatch stats are over the rows trained on. `rows_skipped` is their share of the batch."""
+        the mismatch stats are over the rows trained on. `rows_skipped` is their share of the batch.
+
+        Every rank runs `Sync.passes` forward and backward passes, at least one: under fsdp as many
+        as the busiest rank (each is a collective), under ddp one at least (its last pass
+        all-reduces the gradients). A rank with fewer micro-batches than that (none at all, when
+        dynamic sampling left it no data or every row was skipped) runs the rest as passes of zero
+        weight on stand-in rows (`stand_in`): zero gradients, stepped on as any others."""
         cfg, spec = self.cfg, self.loss
-        # A rank without data (dynamic sampling) while others have some runs what they run (the
-        # loss-weight and gradient all-reduces; under fsdp every forward and backward too) on a
-        # filler group that weighs 0.
-        idle = not batch.completions
-        if idle:
-            batch = self.filler()
-        adv_B = group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=spec.scale_by_std).to(self.device)
         lengths = [len(c) for c in batch.completions]
+        adv_B = (group_advantages(batch.rewards_B, cfg.group_size, scale_by_std=spec.scale_by_std) if lengths
+                 else torch.zeros(0)).to(self.device)
         units = batch_units(spec, lengths)
         trained = rows_with_gradient(adv_B, cfg.beta)
         train = batch if len(trained) == len(lengths) else batch.subset(trained)
         adv_B, train_lengths = adv_B[trained], [lengths[i] for i in trained]
         micro = [(rows, train.subset(rows)) for rows in train.micro_batches(cfg.micro_batch_tokens, cfg.padding_free)]
-        # fsdp: a rank with fewer micro-batches than the busiest runs as many extra passes, weighing
-        # 0, so that every rank's forwards and backwards (collectives) pair up.
-        extra = self.sync.passes(len(micro)) - len(micro)
-        spare = micro[-1][1] if micro else self.filler()
+        passes = self.sync.passes(max(1, len(micro)))
+        stand_in = micro[-1][1] if micro else self.stand_in()
+        stand_ins = passes - len(micro)
         self.model.train()
         old_logp = ref_logp = [None] * len(micro)
         # Another sampler's log-probs (mu) differ from the trainer's (pi_old): each token's loss is
@@ -388,27 +415,23 @@ class RLTrainer:
             else:
                 with torch.no_grad():
                     old_logp = [self._logprobs(self.model, part)[0] for _, part in micro]
-                    for _ in range(extra):
-                        self._logprobs(self.model, spare)
+                    for _ in range(stand_ins):
+                        self._logprobs(self.model, stand_in)
         if cfg.beta > 0:
             ref_logp = [self.reference_logprobs(part) for _, part in micro]
-            for _ in range(extra):
-                self.reference_logprobs(spare)
+            for _ in range(stand_ins):
+                self.reference_logprobs(stand_in)
         skipped = 0
         for _ in range(cfg.updates_per_batch):
             # Weighted so that the ranks' averaged gradient is that of the loss over all their units.
-            share = self.sync.share(0.0 if idle else units)
+            share = self.sync.share(units)
             parts = []  # per micro-batch: (stats, ratio units, tokens, entropy sum)
 
             def backward(loss_scale: float) -> float:
-                if not micro and not extra:  # every row skipped: zero gradients, stepped on as any others
-                    self.zero_backward()
-                for _ in range(extra):
-                    (self._logprobs(self.model, spare)[0].sum() * 0.0).backward()
                 loss = 0.0
                 for k, (rows, part) in enumerate(micro):
                     logp, mask, entropy = self.sync.run(lambda m: self._logprobs(m, part, with_entropy=True),
-                                                        last=k == len(micro) - 1)
+                                                        last=k == passes - 1)
                     old = logp.detach() if old_logp[k] is None else old_logp[k]
                     if mu_logp[k] is not None and k not in corrections:
                         corrections[k] = self._correction(old, mu_logp[k], mask)
@@ -420,13 +443,17 @@ class RLTrainer:
                     loss += weighted.item()
                     ratio_units = mask.sum() if spec.ratio == "token" else (mask.sum(1) > 0).sum()
                     parts.append((stats, ratio_units.item(), mask.sum().item(), (entropy * mask).sum().item()))
+                for k in range(len(micro), passes):
+                    logp = self.sync.run(lambda m: self._logprobs(m, stand_in)[0], last=k == passes - 1)
+                    (logp.sum() * 0.0).backward()
                 return loss
 
             loss, grad_norm, applied = guarded_update(self.model, self.optimizer, backward, cfg.grad_clip, injector,
                                                       self.step_idx + 1, self.sync)
             skipped += not applied
+        self.sampler_stale = True
         self.model.eval()
-        if idle:
+        if not lengths:
             return {"grad_norm": grad_norm, "tokens": 0}
         skipped_lengths = [lengths[i] for i in sorted(set(range(len(lengths))) - set(trained))]
         if skipped_lengths:  # zero advantage is never clipped (clip_frac counts A > 0 or A < 0), but counts
@@ -448,18 +475,12 @@ class RLTrainer:
             row["skipped"] = "nonfinite"
         return row
 
-    def filler(self) -> Batch:
-        """A group of one-token completions with zero rewards: what a rank runs, weighing 0, to
-        take part in collectives without data of its own."""
+    def stand_in(self) -> Batch:
+        """A group of one-token completions: the rows a rank without micro-batches of its own runs
+        its zero-weight passes on (`update`)."""
         G, zeros = self.cfg.group_size, torch.zeros(self.cfg.group_size)
         return Batch([[self.eos_id]] * G, [[self.eos_id]] * G, zeros, zeros, zeros, torch.ones(G, dtype=torch.bool), 0,
                      [[0.0]] * G)
-
-    def zero_backward(self) -> None:
-        """Zero gradients for every trained parameter, as a batch without signal has: the optimizer
-        then steps (momentum, weight decay) as for any batch, and under DDP this rank takes part in
-        the gradient average."""
-        self.sync.run(lambda m: sum(p.sum() for p in self.sync.params) * 0.0).backward()
 
     def _correction(self, old_logp_BT, mu_logp_BT, mask_BT):
         """(the loss weights, None for `none`; and the real tokens' log-ratios, weights and
@@ -480,12 +501,17 @@ class RLTrainer:
     def evaluate_every(self, row: dict, eval_cfg: EvalConfig | None) -> None:
         """Held-out greedy pass@1 every `eval_every` steps, added to the step's row. It runs on
         rank 0 alone, so under fsdp not on the sharded model (its forwards are collectives) but on
-        the plain rollout copy, which `step` brought up to date on every rank."""
+        the trainer's weights gathered by `step`: in the rollout copy if that is a torch model in
+        fp32, else in a plain torch model made of them for this evaluation (an onnxruntime, vllm or
+        bf16 sampler would score another policy than the trainer's)."""
         cfg = self.cfg
         if self.eval_due():
             eval_cfg = eval_cfg or EvalConfig(task=cfg.task, task_options=cfg.task_options, n=cfg.eval_n,
                                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            model = self.sampler.model if self.sharded else self.model
+            model = self.model
+            if self.sharded:
+                model = self.sampler.model if self.eval_model is None else self.eval_model
+                self.eval_model = None
             row["test_pass@1"] = evaluate(model, self.tokenizer, eval_cfg, task=self.task, samples=False)["pass@1"]
 
     # -- checkpoint state --------------------------------------------------------------------
@@ -512,6 +538,7 @@ class RLTrainer:
         set_rng_state(tensors["rng"], state["rng"])
         self.generator.set_state(tensors["rng"]["sampler"])
         self.step_idx = state["step"]
+        self.sampler_stale = True
         self.prompts.seek(state["data"]["epoch"], state["data"]["cursor"])
         pending = state["data"].get("pending")
         if self.overlap is not None:  # a checkpoint without one (async_steps 0 wrote it) samples it anew

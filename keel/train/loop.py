@@ -9,8 +9,11 @@ takes the same path as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +21,7 @@ import torch
 
 from keel.config import ResilienceConfig
 from keel.distributed import FSDP, Sync
+from keel.distributed.sync import ShardedDiLoCo
 from keel.distributed.world import elastic_restart
 from keel.errors import KeelError
 from keel.resilience.checkpoint import Checkpointer, folder_name, load_shards, read, shard_group
@@ -30,13 +34,15 @@ from keel.trackers import open_trackers
 
 # Fields that measure the machine, not the run; they differ between a resumed run and an
 # uninterrupted one and are left out of exactness comparisons.
-TIMING_KEYS = {"tokens_per_s", "step_s", "rollout_s", "weight_sync_s"}
+TIMING_KEYS = {"tokens_per_s", "step_s", "rollout_s", "weight_sync_s", "peak_rss_mb", "peak_device_mb"}
+MB = 1e6  # memory figures in MB, as `keel report` shows every size
 
 
 class Trainer(Protocol):
     """What the loop asks of a trainer."""
 
     step_idx: int  # steps taken; the loop runs until it reaches the stage's total
+    device: torch.device  # where its steps compute: the loop logs that device's peak memory per step
     sync: Sync     # how ranks keep in step (a single process too): the loop's collectives go through it
     cfg: object    # the stage's config; its report_to trackers get the metrics rows and the config itself
     model: torch.nn.Module              # under sync: fsdp the loop checkpoints these two itself, sharded
@@ -56,6 +62,30 @@ class Trainer(Protocol):
         ...
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a step's count of the accelerator's peak memory (a CPU has no per-step count)."""
+    if device.type != "cpu":
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # an allocator that keeps no stats
+            torch.accelerator.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The metrics row's memory figures, MB: `peak_rss_mb`, this process's peak resident set since
+    it started (a high-water mark: it never falls, so a step shows the most any step so far needed
+    of the host, loading included); on an accelerator also `peak_device_mb`, the most its tensors
+    took during this step (`reset_peak_memory` before it)."""
+    try:  # Linux: VmHWM, not ru_maxrss, which carries a forking parent's peak into its children
+        hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        rss = int(hwm.split()[1]) * 1024
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    row = {"peak_rss_mb": rss / MB}
+    if device.type != "cpu":
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # an allocator that keeps no stats
+            row["peak_device_mb"] = torch.accelerator.max_memory_allocated(device) / MB
+    return row
+
+
 def fired_faults(out: Path) -> set[str]:
     return {e["fault"] for e in read_jsonl(Path(out) / "events.jsonl") if e.get("event") == "fault_injected"}
 
@@ -63,8 +93,9 @@ def fired_faults(out: Path) -> set[str]:
 def sharded_checkpoints(sync: Sync) -> bool:
     """Whether the run's checkpoints hold the model and optimizer as each rank's shards (DCP):
     under sync: fsdp, where they are the same model on every rank (one process included, so that
-    a run can resume on more ranks)."""
-    return isinstance(sync, FSDP) and not {"model", "optimizer"} & set(sync.rank_local)
+    a run can resume on more ranks), and under DiLoCo over FSDP, one model per group of ranks
+    (`sync.checkpoint_shards` keys them apart)."""
+    return isinstance(sync, (FSDP, ShardedDiLoCo))
 
 
 def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: int, stage: str,
@@ -79,6 +110,7 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
     log = RunLog(out if world.main else out / f"rank{world.rank}",
                  trackers=open_trackers(trainer.cfg, out, stage) if world.main else [])
     sharded = sharded_checkpoints(sync)
+    device = getattr(trainer, "device", torch.device("cpu"))
     ckpt = Checkpointer(out / "checkpoints", log, res.checkpoint_every, res.checkpoint_seconds, res.keep,
                         res.async_checkpoint, main=world.main, group=shard_group() if sharded else None)
     injector = Injector(res.inject or os.environ.get("KEEL_FAULTS", ""), log, fired_faults(log.out), world.rank)
@@ -97,6 +129,7 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
             return False
         path = ckpt.folder / folder_name(step)
         tensors, state = read(path)
+        sync.check_resume(state["trainer"].get("sync", {}))
         fresh = None
         if "sharded" in state:
             if not sharded:
@@ -130,7 +163,7 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
         targets, _ = sharded_state(trainer.model, trainer.optimizer, with_optimizer=saved["optimizer"]["param_groups"]
                                    is not None)
         targets |= {g: t for g, t in tensors.items() if g not in sync.rank_local and g not in targets}
-        load_shards(path, targets, ckpt.group)
+        load_shards(path, sync.checkpoint_shards(targets), ckpt.group)
         load_sharded_state(trainer.model, trainer.optimizer, targets, saved["optimizer"])
         return live_state()
 
@@ -145,6 +178,7 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
         if sharded:  # every rank writes its own shards; what differs between ranks is gathered as below
             shards, optimizer_meta = sharded_state(trainer.model, trainer.optimizer)
             shards |= {g: t for g, t in tensors.items() if g not in sync.rank_local and g not in shards}
+            shards = sync.checkpoint_shards(shards)
             tensors = {g: t for g, t in tensors.items() if g in sync.rank_local}
             meta = {k: v for k, v in meta.items() if k != "optimizer"}
             extra = {"sharded": {"optimizer": optimizer_meta}}
@@ -171,11 +205,13 @@ def train_loop(trainer: Trainer, out: str | Path, res: ResilienceConfig, total: 
             advance(trainer.step_idx)
             while trainer.step_idx < total:
                 step = trainer.step_idx + 1
+                reset_peak_memory(device)
                 if step in skip:  # the batch that caused a spike: draw it, do not learn from it
                     row = trainer.step(injector, apply=False)
                     row["skipped"] = "spike"
                 else:
                     row = trainer.step(injector)
+                row.update(peak_memory(device))
                 row = sync.finish(row, trainer.step_idx, final=trainer.step_idx == total)
                 watchdog.beat()
                 if step not in skip:

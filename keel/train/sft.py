@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from keel.config import SFTConfig
 from keel.device import autocast, pick_device
 from keel.distributed import make_sync
-from keel.engine.sampler import LOGITS_BUDGET, chunked_head, head_logprobs
+from keel.engine import head
 from keel.epochs import Epochs
 from keel.errors import KeelError
 from keel.models import enable_gradient_checkpointing, packs_exactly, render_prompt, special_ids, with_lora
@@ -137,14 +137,14 @@ class Batches(Epochs):
 def completion_loss(model, batch: Packed, logits_budget: int | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over completion tokens, and how many there were. Past
     `logits_budget` elements of logits (default LOGITS_BUDGET), only the completion positions go
-    through the LM head, in chunks (engine.sampler.head_logprobs): the [B, T, V] logits are never built."""
+    through the LM head, in chunks (engine.head.head_logprobs): the [B, T, V] logits are never built."""
     forward = dict(input_ids=batch.input_ids_BT, position_ids=batch.position_ids_BT, use_cache=False)
     if batch.attention_mask_BT is not None:
         forward["attention_mask"] = batch.attention_mask_BT
     predicts_BT = batch.labels_BT != IGNORE
     n = int(predicts_BT.sum())
-    if chunked_head(model, batch.labels_BT.numel(), LOGITS_BUDGET if logits_budget is None else logits_budget):
-        logp_N, _ = head_logprobs(model, forward, predicts_BT, batch.labels_BT[predicts_BT], 1.0, False)
+    if head.chunked_head(model, batch.labels_BT.numel(), head.LOGITS_BUDGET if logits_budget is None else logits_budget):
+        logp_N, _ = head.head_logprobs(model, forward, predicts_BT, batch.labels_BT[predicts_BT], 1.0, False)
         return -logp_N.mean(), n
     logits = model(**forward).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels_BT.flatten(), ignore_index=IGNORE)

@@ -1,12 +1,14 @@
 """Run by tests/distributed/test_distributed.py under `torchrun --nproc-per-node 2`: SFT steps with
 `sync: fsdp` (FSDP2) on fixed micro-batched batches with binding gradient clipping (also with LoRA,
-and with CPU offload), then through the training loop with checkpoints and a resume; RL updates
-with a sharded KL reference, micro-batched, and with one rank holding no data; last, a whole RL
-stage (rollouts on the plain copy, evaluation, OUT/model). Writes every rank's gathered full
-weights into OUT."""
+with an untied LM head, and with CPU offload), then through the training loop with checkpoints and
+a resume; RL updates with a sharded KL reference, micro-batched, and with one rank holding no data;
+last, a whole RL stage (rollouts on the plain copy, evaluation, OUT/model). Every batch is over the
+logits budget, so the sharded LM head runs in chunks (engine/head). Writes every rank's gathered
+full weights into OUT, and per phase whether the head ran chunked and how often it ran whole."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -14,16 +16,17 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
 
 import torch
 import torch.distributed as dist
 
 from keel.config import DistributedConfig, LoraSpec, ResilienceConfig, RLConfig, SFTConfig
 from keel.distributed.sync import full_state
+from keel.engine import head
 from keel.models import load_model, save_model, special_ids
 from keel.rl.trainer import Batch, RLTrainer, rl
 from keel.tasks import get_task
-from keel.train import sft as sft_module
 from keel.train.sft import SFTTrainer, encode_traces, pack
 from keel.train.loop import train_loop
 from keel.train.stage import plain_copy, train_stage
@@ -42,8 +45,19 @@ def batches(tokenizer, ranks: int):
     return [pack(pairs[r * 6:r * 6 + 6 - 2 * r], ROW, pad_id) for r in range(ranks)]
 
 
-def trainer(distributed: DistributedConfig, **changes) -> SFTTrainer:
+def untied():
+    """The worker's model with an LM head of its own (Qwen3-0.6B ties it to the embeddings,
+    Qwen3-8B does not), initialised from the same seed."""
     m, tok = worker.model()
+    config = copy.deepcopy(m.config)
+    config.tie_word_embeddings = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tok
+
+
+def trainer(distributed: DistributedConfig, model=None, **changes) -> SFTTrainer:
+    m, tok = model or worker.model()
     return SFTTrainer(m, tok, SFTConfig(task="arithmetic", task_options={"digits": 2}, examples=64, lr=1e-3,
                                         warmup=0, grad_clip=CLIP, micro_batch_tokens=ROW, device="cpu",
                                         distributed=distributed, **changes))
@@ -68,14 +82,36 @@ def no_data() -> Batch:
 
 
 # A whole RL stage under fsdp: 2 steps, a KL term, an evaluation at the end.
+# An untrained model rarely answers: seed 3's rollouts score in both steps (seeds 0-2 score nothing
+# with this engine's random stream, and a stage with no reward would not move the weights it tests).
 RL_STAGE = RLConfig(task="arithmetic", task_options={"digits": 1}, steps=2, prompts_per_step=4, group_size=4,
-                    max_new_tokens=8, beta=0.1, eval_every=2, eval_n=4, lr=1e-3, device="cpu", distributed=FSDP)
+                    max_new_tokens=8, beta=0.1, eval_every=2, eval_n=4, lr=1e-3, device="cpu", distributed=FSDP,
+                    seed=3)
 
 
 def full_weights(trainer) -> dict:
-    """The whole model, gathered on this rank (collective)."""
+    """The whole model, gathered on this rank (collective); a tied head once, as the embeddings."""
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().clone().contiguous() for k, v in full.items() if "lm_head" not in k}
+    tied = trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight
+    return {k: v.detach().clone().contiguous() for k, v in full.items() if not (tied and "lm_head" in k)}
+
+
+def count_whole_heads(*models) -> list[int]:
+    """A counter of the forwards of the models' LM head modules: the whole-logits path runs them,
+    the chunked one (engine/head.head_logprobs) uses their weight without running them."""
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+    for model in models:
+        model.get_output_embeddings().register_forward_hook(count)
+    return calls
+
+
+def head_record(heads: dict, name: str, calls: list[int], *models) -> None:
+    """Whether each of `models` ran its head in chunks (engine/head registers its method on a
+    sharded model at the first chunked call), and how often the head ran whole."""
+    heads[name] = {"chunked": all(head.SHARDED_METHOD in vars(m) for m in models), "whole": calls[0]}
 
 
 def looped(out: Path, total: int, resume: bool = False, **changes):
@@ -86,20 +122,31 @@ def looped(out: Path, total: int, resume: bool = False, **changes):
     return t
 
 
+def stepped(t, batch, out: Path, name: str, heads: dict) -> list[float]:
+    """`worker.STEPS` updates of `t` on `batch`, the gathered weights saved after each as
+    `<name>_step<k>-rank<r>`; records how its head ran; returns the grad norms."""
+    calls = count_whole_heads(t.model)
+    norms = []
+    for step in range(worker.STEPS):
+        t.step_idx = step
+        norms.append(t.update(batch)["grad_norm"])
+        save_file(full_weights(t), out / f"{name}_step{step + 1}-rank{t.sync.world.rank}.safetensors")
+    head_record(heads, name, calls, t.model)
+    return norms
+
+
 def main(out: Path) -> None:
-    # Every batch over the logits budget: a plain model would run its LM head in chunks, apart from
-    # its forward; a sharded one must not (FSDP gathers the head's weight in the forward only).
-    sft_module.LOGITS_BUDGET = 1
+    # Every batch over the logits budget: the sharded model runs its LM head in chunks, apart from
+    # its forward (engine/head runs them as a registered FSDP forward method of the root).
+    head.LOGITS_BUDGET = 1
+    heads = {}
     t = trainer(FSDP)
     rank, ranks = t.sync.world.rank, t.sync.world.size
     _, tok = worker.model()
     parts = batches(tok, ranks)
-    norms = []
-    for step in range(worker.STEPS):
-        t.step_idx = step
-        norms.append(t.update(parts[rank])["grad_norm"])
-        save_file(full_weights(t), out / f"fsdp_step{step + 1}-rank{rank}.safetensors")
+    norms = stepped(t, parts[rank], out, "fsdp", heads)
     (out / f"fsdp_grad_norms-rank{rank}.json").write_text(json.dumps(norms))
+    stepped(trainer(FSDP, model=untied()), parts[rank], out, "untied", heads)
 
     looped(out / "cut", total=2)  # a run stopped after its step-2 checkpoint ...
     resumed = looped(out / "cut", total=4, resume=True)  # ... and continued from it
@@ -114,21 +161,19 @@ def main(out: Path) -> None:
     whole = looped(out / "lora_whole", total=4, lora=LORA)
     save_file(full_weights(whole), out / f"lora_whole-rank{rank}.safetensors")
 
-    t = trainer(FSDP, lora=LORA)
-    for step in range(worker.STEPS):
-        t.step_idx = step
-        t.update(parts[rank])
-        save_file(full_weights(t), out / f"lora_step{step + 1}-rank{rank}.safetensors")
+    stepped(trainer(FSDP, lora=LORA), parts[rank], out, "lora", heads)
     t = trainer(DistributedConfig(sync="fsdp", offload=True))
     t.update(parts[rank])
     save_file(full_weights(t), out / f"offload_step1-rank{rank}.safetensors")
 
     rl_parts = worker.rl_batches(tok, ranks)
     t = rl_trainer(FSDP)
+    calls = count_whole_heads(t.model, t.ref)  # the policy's scores and the sharded reference's
     for step in range(worker.STEPS):
         t.step_idx = step
         t.update(rl_parts[rank])
         save_file(full_weights(t), out / f"rl_step{step + 1}-rank{rank}.safetensors")
+    head_record(heads, "rl", calls, t.model, t.ref)
     for name, distributed in (("rl_idle", FSDP), ("rl_idle_ddp", DistributedConfig(sync="ddp"))):
         t = rl_trainer(distributed)
         t.update(rl_parts[0] if rank == 0 else no_data())
@@ -139,6 +184,8 @@ def main(out: Path) -> None:
     dist.barrier()
     model, _ = load_model(out / "tiny")
     rl(model, tok, RL_STAGE, out / "rl")  # what train_stage runs, without its ending the process group
+    heads["rl_stage"] = {"chunked": head.SHARDED_METHOD in vars(model)}  # rollouts ran whole, on the plain copy
+    (out / f"heads-rank{rank}.json").write_text(json.dumps(heads))
     rl_trained = full_state(model, main_only=True)
     # With LoRA, as `keel rl --sync fsdp` runs it: OUT/adapter and the merged OUT/model. Last:
     # train_stage ends the process group.

@@ -169,6 +169,15 @@ def fsdp_out(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def chunked_head(monkeypatch):
+    """The one-process reference runs its LM head as the fsdp worker ran it: in chunks, every batch
+    over the logits budget (tests/unit/test_chunked_head.py: chunks equal the whole head)."""
+    from keel.engine import head
+
+    monkeypatch.setattr(head, "LOGITS_BUDGET", 1)
+
+
 def whole_sft_batch(parts: list):
     """The ranks' packed batches as one batch: the global batch of a step."""
     import dataclasses
@@ -178,6 +187,23 @@ def whole_sft_batch(parts: list):
     return Packed(*(cat(f.name) for f in dataclasses.fields(Packed)))
 
 
+def ranks_follow_one_process(fsdp_out, name: str, trainer, batch, atol: float):
+    """Steps `trainer` (one process) on the global `batch` as the fsdp worker stepped its `name`
+    run: after each, both ranks' gathered weights are equal, and within `atol` of the trainer's.
+    Returns rank 0's last weights."""
+    for step in range(worker.STEPS):
+        trainer.step_idx = step
+        trainer.update(batch)
+        r0, r1 = (weights(fsdp_out, f"{name}_step{step + 1}", r) for r in (0, 1))
+        assert all(torch.equal(r0[k], r1[k]) for k in r0)
+        model = trainer.model
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert_close(r0, {k: v.detach() for k, v in model.state_dict().items() if not (tied and "lm_head" in k)},
+                     atol=atol)  # a tied head once, as the worker saves it
+    return r0
+
+
+@pytest.mark.usefixtures("chunked_head")
 def test_fsdp_sft_steps_match_one_process_on_the_global_batch_and_ranks_agree(fsdp_out):
     from tests.distributed import fsdp_worker
 
@@ -197,11 +223,47 @@ def test_fsdp_sft_steps_match_one_process_on_the_global_batch_and_ranks_agree(fs
         assert norms[step] == pytest.approx(row["grad_norm"], rel=1e-6)
         r0, r1 = (weights(fsdp_out, f"fsdp_step{step + 1}", r) for r in (0, 1))
         assert all(torch.equal(r0[k], r1[k]) for k in r0)  # the gathered full weights of both ranks
-        # Measured 2.6e-6 at every step (fp32, CPU): the micro-batch gradients add up in another
+        # Measured 6.4e-7 at every step (fp32, CPU): the micro-batch gradients add up in another
         # order, and AdamW's first step, about lr * sign(g), turns that rounding in near-zero
         # gradient entries into weight gaps of up to ~1e-3 * lr (the DDP test allows 2e-6 too).
         assert_close(r0, worker.weights(trainer), atol=5e-6)
     assert moved(start, worker.weights(trainer)) > 1e-3
+
+
+@pytest.mark.usefixtures("chunked_head")
+def test_fsdp_sft_steps_with_an_untied_head_match_one_process(fsdp_out):
+    """The head a weight of its own, sharded with the root apart from the embeddings: its gradient,
+    from the chunked head, is the unsharded one."""
+    from tests.distributed import fsdp_worker
+
+    _, tok = worker.model()
+    trainer = fsdp_worker.trainer(DistributedConfig(), model=fsdp_worker.untied())
+    full = lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}  # noqa: E731
+    start = full()
+    assert not torch.equal(start["lm_head.weight"], start["model.embed_tokens.weight"])
+    # Measured 4.2e-6 at every step, in one entry each of two layer-0 projections (AdamW's first
+    # step, see above); the head itself at most 2.3e-8.
+    r0 = ranks_follow_one_process(fsdp_out, "untied", trainer, whole_sft_batch(fsdp_worker.batches(tok, 2)), 5e-6)
+    assert_close({"h": r0["lm_head.weight"]}, {"h": full()["lm_head.weight"]}, atol=1e-7)
+    assert moved({"h": start["lm_head.weight"]}, {"h": r0["lm_head.weight"]}) > 1e-3
+
+
+def test_fsdp_runs_the_sharded_lm_head_in_chunks_and_never_whole(fsdp_out):
+    """Every batch in the fsdp worker was over the logits budget: SFT (tied, untied, LoRA) and RL
+    (the policy and the sharded KL reference) ran the head in chunks through the root's FSDP forward
+    method, and no [N, V] logits came from the head module. A sharded head used to be refused and
+    compute whole logits."""
+    from tests.distributed import fsdp_worker
+
+    model, _ = worker.model()
+    calls = fsdp_worker.count_whole_heads(model)
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert calls == [1]  # the counter sees a whole-logits forward
+    for rank in (0, 1):
+        heads = json.loads((fsdp_out / f"heads-rank{rank}.json").read_text())
+        assert set(heads) == {"fsdp", "untied", "lora", "rl", "rl_stage"}
+        assert all(h["chunked"] for h in heads.values()), heads
+        assert all(h["whole"] == 0 for name, h in heads.items() if name != "rl_stage"), heads
 
 
 def test_fsdp_checkpoint_resumes_exactly(fsdp_out):
@@ -236,23 +298,69 @@ def test_fsdp_cpu_offload_runs_and_changes_nothing_on_cpu(fsdp_out):
         assert all(torch.equal(offloaded[k], plain[k]) for k in plain)
 
 
+def sft_passes(cfg, tokenizer, ranks: int, steps: int) -> list[int]:
+    """Forward and backward passes in each step of an SFT run on `ranks` ranks, as SFTTrainer.update
+    runs them under fsdp: the most micro-batches of any rank's batch."""
+    import math
+
+    from keel.models import special_ids
+    from keel.tasks import get_task
+    from keel.train.sft import Batches, drop_thinking, encode_traces
+
+    examples = get_task(cfg.task, **cfg.task_options).examples("train", cfg.examples, seed=cfg.seed)
+    pairs = encode_traces(tokenizer, drop_thinking(examples, cfg.drop_thinking, cfg.seed))
+    streams = [Batches(pairs[r::ranks], cfg.batch_tokens // ranks, special_ids(tokenizer)[1], cfg.seed)
+               for r in range(ranks)]
+    passes = []
+    for _ in range(steps):
+        batches = [s.next().input_ids_BT for s in streams]
+        passes.append(max(math.ceil(len(b) / max(1, cfg.micro_batch_tokens // b.shape[1])) for b in batches))
+    return passes
+
+
+def test_fsdp_run_logs_fsdps_collectives_as_the_shard_sizes_say_and_its_peak_memory(fsdp_out):
+    from keel.distributed.comm import fsdp_pass_bytes
+    from keel.distributed.sync import decoder_layers
+    from keel.report import format_goodput, goodput, plot_resources
+    from tests.distributed import fsdp_worker
+
+    model, tok = worker.model()
+    layers = decoder_layers(model)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    per_pass = fsdp_pass_bytes([p.shape for p in model.parameters() if id(p) not in inside],
+                               [[p.shape for p in layer.parameters()] for layer in layers], ranks=2)
+    assert per_pass == {"all_gather": 440_960, "reduce_scatter": 454_400}  # fp32; vocab 103 pads to 2 x 52 rows
+    rows = read_jsonl(fsdp_out / "whole/metrics.jsonl")  # rank 0's rows of a 4-step SFT run through the loop
+    passes = sft_passes(fsdp_worker.trainer(DistributedConfig()).cfg, tok, ranks=2, steps=len(rows))
+    assert len(rows) == 4 and min(passes) >= 2  # micro-batched: every pass gathers and scatters again
+    for row, n in zip(rows, passes):
+        assert row["comm_bytes_fsdp"] == n * sum(per_pass.values()), row["step"]
+        assert row["comm_bytes"] == sum(v for k, v in row.items() if k.startswith("comm_bytes_"))
+        assert row["peak_rss_mb"] > 10  # MB, the larger rank's: torch alone takes more
+    for row in read_jsonl(fsdp_out / "rl/metrics.jsonl"):  # an RL stage under fsdp: the same columns
+        assert row["comm_bytes_fsdp"] > 0 and row["peak_rss_mb"] > 10
+
+    text = "\n".join(format_goodput(goodput(fsdp_out / "whole")))
+    assert "MB/step fsdp" in text and "peak RSS MB max" in text
+    mean = sum(r["comm_bytes_fsdp"] for r in rows) / len(rows) / 1e6
+    assert f"{mean:.3g}" in text.splitlines()[-1].split()
+    assert plot_resources(fsdp_out / "whole") == [fsdp_out / "whole/resources_sft.png"]
+
+
+@pytest.mark.usefixtures("chunked_head")
 def test_fsdp_lora_sft_steps_match_one_process_and_train_only_the_adapters(fsdp_out):
     from tests.distributed import fsdp_worker
 
     _, tok = worker.model()
     trainer = fsdp_worker.trainer(DistributedConfig(), lora=fsdp_worker.LORA)
     start = worker.weights(trainer)
-    whole = whole_sft_batch(fsdp_worker.batches(tok, 2))
-    for step in range(worker.STEPS):
-        trainer.step_idx = step
-        trainer.update(whole)
-        r0, r1 = (weights(fsdp_out, f"lora_step{step + 1}", r) for r in (0, 1))
-        assert all(torch.equal(r0[k], r1[k]) for k in r0)
-        assert_close(r0, worker.weights(trainer), atol=1e-6)  # measured 6e-8
+    # measured 9.6e-7: AdamW's first steps (see above)
+    r0 = ranks_follow_one_process(fsdp_out, "lora", trainer, whole_sft_batch(fsdp_worker.batches(tok, 2)), 2e-6)
     assert moved(start, r0) > 1e-3
     assert all(torch.equal(r0[k], start[k]) for k in start if "lora_" not in k)  # the base stays frozen
 
 
+@pytest.mark.usefixtures("chunked_head")
 def test_fsdp_rl_steps_with_a_sharded_reference_match_one_process_and_ranks_agree(fsdp_out):
     from tests.distributed import fsdp_worker
 
@@ -271,18 +379,19 @@ def test_fsdp_rl_steps_with_a_sharded_reference_match_one_process_and_ranks_agre
         trainer.update(whole)
         r0, r1 = (weights(fsdp_out, f"rl_step{step + 1}", r) for r in (0, 1))
         assert all(torch.equal(r0[k], r1[k]) for k in r0)
-        assert_close(r0, worker.weights(trainer), atol=2e-6)  # measured 7e-7: AdamW's first steps (see above)
+        assert_close(r0, worker.weights(trainer), atol=2e-6)  # measured 1.2e-6: AdamW's first steps (see above)
     assert moved(start, r0) > 1e-3
     assert trainer.ref is not None and moved(start, {k: v for k, v in trainer.ref.state_dict().items()
                                                      if k in start}) == 0  # the KL term had a fixed reference
 
 
+@pytest.mark.usefixtures("chunked_head")
 @pytest.mark.parametrize("name", ["rl_idle", "rl_idle_ddp"])
 def test_fsdp_rank_without_data_runs_zero_weight_passes_and_the_step_is_the_other_ranks(fsdp_out, name):
     # Rank 1 has no data (dynamic sampling found no signal there) while rank 0 has: it runs what
-    # rank 0 runs (loss-weight all-reduce; under fsdp every forward and backward) on a filler at
-    # zero weight. Under ddp it used to skip the loss-weight all-reduce, pairing rank 0's with its
-    # gradient all-reduce.
+    # rank 0 runs (loss-weight all-reduce; under fsdp every forward and backward: Sync.passes) on
+    # stand-in rows at zero weight. Under ddp it used to skip the loss-weight all-reduce, pairing
+    # rank 0's with its gradient all-reduce.
     from tests.distributed import fsdp_worker
 
     _, tok = worker.model()
@@ -293,7 +402,7 @@ def test_fsdp_rank_without_data_runs_zero_weight_passes_and_the_step_is_the_othe
     r0, r1 = weights(fsdp_out, name, 0), weights(fsdp_out, name, 1)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     assert moved(start, r0) > 1e-3
-    # Measured 0 under fsdp (rank 1 adds exact zeros), 9e-7 under ddp (its all-reduce's rounding).
+    # Measured 0 under both (rank 1 adds exact zeros); 9e-7 when one side's head ran whole.
     assert_close(r0, worker.weights(trainer), atol=1e-7 if name == "rl_idle" else 2e-6)
 
 
@@ -336,8 +445,8 @@ def test_fsdp_takes_rl_and_lora_and_offload_only_with_fsdp():
     with pytest.raises(KeelError, match="offload .* needs sync: fsdp") as e:
         DistributedConfig(sync="ddp", offload=True)
     assert e.value.field == "distributed.offload"
-    with pytest.raises(KeelError, match="eval_every"):  # rank 0 evaluates on the torch copy, which ORT lacks
-        RLConfig(distributed=fsdp, eval_every=5, rollout=RolloutConfig(backend="onnxruntime"))
+    # Rank 0 evaluates a plain torch model of the gathered weights when the sampler is not a torch copy.
+    assert RLConfig(distributed=fsdp, eval_every=5, rollout=RolloutConfig(backend="onnxruntime")).eval_every == 5
     for make in (SFTConfig, RLConfig):  # checkpoints of lora under fsdp resume (test_fsdp_lora_checkpoint_resumes_exactly)
         assert make(lora=LoraSpec(), distributed=fsdp, resilience=ResilienceConfig(checkpoint_every=2)).lora
 
@@ -396,12 +505,18 @@ def test_diloco_over_fsdp_groups_shard_inside_and_average_across_like_two_diloco
     assert moved(start, r[0]) > 1e-3
 
 
-def test_diloco_over_fsdp_sends_each_ranks_shard_across_groups_only(hsdp_out):
+def shard_numels() -> list[int]:
+    """How many parameter elements group rank 0 and 1 hold: FSDP2 shards every parameter along
+    dim 0 in torch.chunk's pieces, group rank i holding piece i."""
     m, _ = worker.model()
     params = [p for p in m.parameters() if p.requires_grad]
-    # FSDP2 shards every parameter along dim 0 in torch.chunk's pieces: group rank i holds piece i.
     shard = [sum(c[i].numel() if i < len(c) else 0 for c in (p.chunk(2) for p in params)) for i in (0, 1)]
     assert shard[0] + shard[1] == sum(p.numel() for p in params) and shard[0] != shard[1]
+    return shard
+
+
+def test_diloco_over_fsdp_sends_each_ranks_shard_across_groups_only(hsdp_out):
+    shard = shard_numels()
     syncs = 2
     for rank in range(4):
         f = json.loads((hsdp_out / f"hsdp_figures-rank{rank}.json").read_text())
@@ -426,6 +541,37 @@ def test_diloco_over_fsdp_with_one_group_is_one_worker_and_gathers_for_out_model
     assert moved(worker.weights(hsdp_worker.trainer(DistributedConfig())), reference) > 1e-3
 
 
+def test_diloco_over_fsdp_checkpoints_resume_exactly_with_each_groups_own_model(hsdp_out):
+    """Two groups of two ranks through the training loop, checkpointing through DCP: resumed from
+    step 3 (between syncs: the groups' weights and AdamW moments differ) it ends bit-identical to
+    the whole run, which ends as the run without the loop and its checkpoints did."""
+    from keel.resilience.checkpoint import ShardReader
+
+    for rank in range(4):
+        whole, resumed = weights(hsdp_out, "whole", rank), weights(hsdp_out, "resumed", rank)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), rank
+        no_loop = weights(hsdp_out, "hsdp_step4", rank)
+        assert all(torch.equal(whole[k], no_loop[k]) for k in whole), rank
+    assert [e["step"] for e in read_jsonl(hsdp_out / "resumed/events.jsonl") if e["event"] == "resume"] == [3]
+    keys = ShardReader(hsdp_out / "whole/checkpoints/00000003/dcp").read_metadata().state_dict_metadata
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert f"group0.model.{name}" in keys and f"group1.model.{name}" in keys and f"model.{name}" not in keys
+    assert any(k.startswith("group1.optimizer.") for k in keys)
+    assert {"sync.global.0", "sync.momentum.0"} <= set(keys)  # the outer state once, shared by the groups
+
+
+def test_diloco_over_fsdp_byte_counts_are_the_shards_with_checkpoints_on(hsdp_out):
+    shard = shard_numels()
+    for rank in range(4):
+        f = json.loads((hsdp_out / f"hsdp_figures-rank{rank}.json").read_text())["whole"]
+        sent = {k: v - f["before"].get(k, 0) for k, v in f["total"].items()}
+        assert sent["pseudo_grads"] == 2 * 4 * shard[rank % 2]  # two syncs of this rank's fp32 shard
+        assert sent["control"] == 4 * 2 * 8
+        # Two checkpoints: keel's Comm gathers only the rank-local RNG state onto rank 0 (whose own
+        # part is not sent); the shards go through DCP's own process group.
+        assert sent["checkpoint"] == (0 if rank == 0 else 2 * torch.get_rng_state().numel())
+
+
 def test_report_shows_the_largest_step_of_communication(tmp_path):
     from keel.report import format_goodput, goodput
     from keel.runlog import RunLog
@@ -448,12 +594,26 @@ def test_shard_group_is_diloco_only_and_refused_where_unsupported():
         with pytest.raises(KeelError, match="shard_group"):
             DistributedConfig(**bad)
     sharded = DistributedConfig(sync="diloco", shard_group=2)
-    with pytest.raises(KeelError, match="sft only"):
-        RLConfig(distributed=sharded)
-    with pytest.raises(KeelError, match="lora"):
-        SFTConfig(lora=LoraSpec(), distributed=sharded)
-    with pytest.raises(KeelError, match="checkpoint"):
-        SFTConfig(resilience=ResilienceConfig(checkpoint_every=2), distributed=sharded)
+    assert sharded.sharded and DistributedConfig(sync="fsdp").sharded and not DistributedConfig(sync="diloco").sharded
+    for make in (SFTConfig, RLConfig):
+        with pytest.raises(KeelError, match="lora"):
+            make(lora=LoraSpec(), distributed=sharded)
+        assert make(resilience=ResilienceConfig(checkpoint_every=2), distributed=sharded).distributed.shard_group == 2
+
+
+def test_diloco_over_fsdp_checkpoints_resume_in_their_own_layout_only():
+    from keel.distributed.sync import same_layout
+
+    same_layout({"shard_group": 2, "world_size": 4}, {"world_size": 4, "shard_group": 2})
+    same_layout({}, {})  # any other sync: its own checks
+    four, two = {"shard_group": 2, "world_size": 4}, {"shard_group": 2, "world_size": 2}
+    cases = ((four, {"shard_group": 4, "world_size": 4}, "written by DiLoCo over FSDP \\(shard_group 2, 4"),
+             (four, two, "this run is DiLoCo over FSDP \\(shard_group 2, 2 ranks"),
+             (two, {}, "this run is another sync"), ({}, two, "written by another sync"))
+    for saved, mine, match in cases:
+        with pytest.raises(KeelError, match=match) as e:
+            same_layout(saved, mine)
+        assert e.value.field == "distributed.shard_group" and "\n" not in str(e.value)
 
 
 # ---- one process -------------------------------------------------------------------------------
@@ -567,6 +727,20 @@ def test_killed_fsdp_rank_restarts_and_resumes_from_its_shards_to_the_same_weigh
     assert [e["step"] for e in read_jsonl(killed / "events.jsonl") if e["event"] == "resume"] == [2]
     shards = sorted(p.name for p in (killed / "checkpoints/00000004/dcp").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+
+
+def test_killed_rank_of_diloco_over_fsdp_resumes_from_its_shards_to_the_same_weights(tmp_path):
+    """RL under DiLoCo over FSDP, one group of 2 ranks (rollouts on the group's gathered weights,
+    the KL reference sharded as the model, DCP checkpoints): rank 1 dies after step 5, torchrun
+    restarts the group, every rank reloads its shards of step 4 (between syncs, H = 3) and the
+    outer state. (Two groups: test_diloco_over_fsdp_checkpoints_resume_exactly_with_each_groups_own_model.)"""
+    from keel.resilience.checkpoint import ShardReader
+
+    recipe = RECIPE.replace("inner_steps: 3}", "inner_steps: 3, shard_group: 2}") + "beta: 0.04\n"
+    killed = killed_and_whole(tmp_path, recipe, "kill@step=5@rank=1")
+    assert [e["step"] for e in read_jsonl(killed / "events.jsonl") if e["event"] == "resume"] == [4]
+    keys = ShardReader(killed / "checkpoints/00000004/dcp").read_metadata().state_dict_metadata
+    assert {"group0.model.lm_head.weight", "ref.lm_head.weight", "sync.global.0", "sync.momentum.0"} <= set(keys)
 
 
 def test_killed_rank_restarts_and_resumes_to_the_same_weights(tmp_path):

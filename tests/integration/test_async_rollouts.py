@@ -128,12 +128,12 @@ prompts_per_step: 2
 group_size: 4
 max_new_tokens: 16
 updates_per_batch: 2
-beta: 0.0
+beta: 0.01
 lr: 1.0e-3
 seed: 3
 async_steps: 1
 resilience: {checkpoint_every: 2}
-"""
+"""  # beta > 0: every row trains, whichever rewards the samples get (the guard below needs a gradient)
 
 
 def keel(*args):

@@ -13,7 +13,7 @@ import torch
 
 from keel.cli import main
 from keel.completions import complete
-from keel.config import ResilienceConfig, RLConfig, RolloutConfig
+from keel.config import LoraSpec, ResilienceConfig, RLConfig, RolloutConfig
 from keel.engine.backends import OrtBackend, rollout_section
 from keel.engine.sampler import SamplingParams
 from keel.models import save_model
@@ -82,6 +82,50 @@ def test_weights_reach_the_sampler_every_step(sft_model):
         assert logits_gap(trainer) <= tolerance < stale, (rollout, stale)
         if rollout.dtype == "fp32":
             assert same_weights(trainer.model, trainer.sampler.model)
+
+
+def test_lora_samplers_get_the_merged_weights(sft_model, tmp_path):
+    """Under LoRA the sampler is the plain model with the adapters merged in, and every sync gives
+    it the merged weights (W + alpha / r * B @ A, by peft) under the base model's names: after two
+    steps of an RL run the torch sampler's logits are the adapted trainer's to fp32 rounding, the
+    fp32 ONNX graph's to its tolerance; the trainer keeps its unmerged adapters and frozen base."""
+    model, tok = sft_model
+    for rollout, tolerance in [(RolloutConfig(), 1e-5), (RolloutConfig(backend="onnxruntime"), 1e-4)]:
+        trainer = RLTrainer(copy.deepcopy(model), tok, cfg(lora=LoraSpec(r=4), rollout=rollout))
+        assert trainer.correction == "tis"  # merged weights: the same function, other rounding
+        base = {k: v.clone() for k, v in trainer.model.state_dict().items() if "base_layer" in k}
+        rows = train_loop(trainer, tmp_path / rollout.backend, ResilienceConfig(), 2, "rl")
+        assert all(r["weight_sync_s"] > 0 and r["grad_norm"] > 0 and "mismatch_kl" in r for r in rows)
+        stale = logits_gap(trainer)  # the adapters moved since the last sync
+        trainer.sync_sampler()
+        assert logits_gap(trainer) <= tolerance < stale, (rollout, stale)
+        assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in base.items())
+        if rollout.backend == "torch":
+            assert trainer.sampler.model.state_dict().keys() == model.state_dict().keys()
+
+
+def test_a_sharded_trainer_gathers_once_a_step_and_evaluates_the_trainers_weights(sft_model, tmp_path, monkeypatch):
+    """Under fsdp, evaluate_every (rank 0 alone) cannot run the sharded model: after a step whose
+    evaluation is due every rank gathers the weights (`full_state`) for its sampler, and the next
+    step's rollouts reuse them, so a run gathers once a step (and once before its first). Rank 0
+    evaluates the gathered weights: in the torch fp32 copy, or with the onnxruntime sampler in a
+    plain torch model made of them, which scores what the trainer's own model does."""
+    import keel.rl.trainer as trainer_module
+
+    model, tok = sft_model
+    gathers, evaluated, evaluate = [], [], trainer_module.evaluate
+    monkeypatch.setattr(trainer_module, "full_state", lambda m: gathers.append(1) or m.state_dict())
+    monkeypatch.setattr(trainer_module, "evaluate", lambda m, *a, **k: evaluated.append(m) or evaluate(m, *a, **k))
+    for rollout in (RolloutConfig(), RolloutConfig(backend="onnxruntime")):
+        trainer = RLTrainer(copy.deepcopy(model), tok, cfg(steps=2, eval_every=1, eval_n=4, rollout=rollout))
+        trainer.sharded = True  # one process standing in for a rank of a sharded run (fsdp: tests/distributed)
+        gathers.clear()
+        rows = train_loop(trainer, tmp_path / rollout.backend, ResilienceConfig(), 2, "rl",
+                          after_step=lambda row: trainer.evaluate_every(row, None))
+        assert len(gathers) == 1 + 2  # was 2 a step: before the rollouts, and again for the evaluation
+        assert all(row["weight_sync_s"] > 0 and "test_pass@1" in row for row in rows)
+        assert isinstance(evaluated[-1], torch.nn.Module) and evaluated[-1] is not trainer.model
+        assert same_weights(evaluated[-1], trainer.model) and trainer.eval_model is None
 
 
 def test_rl_with_the_onnxruntime_sampler_learns_and_follows_training_without_re_export(sft_model):

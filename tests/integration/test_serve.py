@@ -14,7 +14,7 @@ import torch
 from keel.config import ServeConfig
 from keel.models import build_tokenizer, init_model
 from keel.serve.app import background_server, create_app, make_served
-from keel.engine.backends import TorchBackend
+from keel.engine.backends import ListCache, TorchBackend
 
 KEY = "test-key"
 SCRIPT = "<think>1+1=2</think><answer>2</answer>"
@@ -23,7 +23,7 @@ SCRIPT = "<think>1+1=2</think><answer>2</answer>"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class ScriptedBackend:
+class ScriptedBackend(ListCache):
     """Answers SCRIPT then EOS to any prompt. Its "KV cache" is one tensor marking prompt columns
     with 1, so it also checks the engine's cache bookkeeping: the token it emits depends on how
     many real columns follow the prompt."""
@@ -37,12 +37,12 @@ class ScriptedBackend:
     def empty_past(self, batch):
         return [torch.zeros(batch, 1, 0, 1)]
 
-    def forward(self, ids_BS, mask_BT, pos_BS, past):
+    def forward(self, ids_BS, mask_BT, pos_BS, past, logits_to_keep=0):
         B, S = ids_BS.shape
         if self.delay:
             time.sleep(self.delay)
-        is_prompt = 1.0 if past[0].shape[2] == 0 else 0.0
-        present = torch.cat([past[0], torch.full((B, 1, S, 1), is_prompt)], 2)
+        is_prompt = mask_BT[:, -S:].float() if past[0].shape[2] == 0 else torch.zeros(B, S)  # pads are no prompt
+        present = torch.cat([past[0], is_prompt.view(B, 1, S, 1)], 2)
         generated = mask_BT.sum(1) - present[:, 0, :, 0].sum(1)  # real columns after the prompt
         logits = torch.full((B, S, self.vocab_size), -10.0)
         for b in range(B):

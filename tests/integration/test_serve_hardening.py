@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from keel.config import ServeConfig
-from keel.engine.backends import TorchBackend
+from keel.engine.backends import ListCache, TorchBackend
 from keel.models import build_tokenizer, init_model
 from keel.serve.app import background_server, create_app, make_served
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 POISON = "#"  # a prompt starting with this character makes ToyBackend misbehave for that row
 
 
-class ToyBackend:
+class ToyBackend(ListCache):
     """Answers "a" forever (never EOS), `delay` seconds per forward. Rows whose prompt starts with
     POISON get NaN logits (`nan`: sampling raises) or a failing prefill (`fail_prefill`)."""
 
@@ -36,12 +36,15 @@ class ToyBackend:
     def empty_past(self, batch):
         return [torch.zeros(batch, 1, 0, 1)]
 
-    def forward(self, ids_BS, mask_BT, pos_BS, past):
+    def forward(self, ids_BS, mask_BT, pos_BS, past, logits_to_keep=0):
         B, S = ids_BS.shape
         if self.delay:
             time.sleep(self.delay)
-        first = past[0][:, 0, 0, 0] if past[0].shape[2] else ids_BS[:, 0].float()  # each row's first prompt token
-        if S > 1 and self.fail_prefill and int(first[0]) == self.poison:
+        if past[0].shape[2]:  # each row's first prompt token, as its cache holds it (pads are 0)
+            first = past[0][:, 0, -1, 0]
+        else:  # a left-padded prefill: each row's first real column
+            first = ids_BS.gather(1, mask_BT.argmax(1, keepdim=True))[:, 0].float()
+        if S > 1 and self.fail_prefill and bool((first == self.poison).any()):
             raise RuntimeError("the backend cannot take this prompt")
         present = [torch.cat([past[0], first.view(B, 1, 1, 1).expand(B, 1, S, 1)], 2)]
         logits = torch.full((B, S, self.vocab_size), -10.0)

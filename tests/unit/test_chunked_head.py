@@ -1,11 +1,18 @@
 """The trainer's and the scorer's LM head in chunks (past the logits budget) computes what the
 one-piece head computes, and the packed (padding-free) scorer what the padded one computes:
-log-probs, entropies and gradients to fp32 rounding."""
+log-probs, entropies and gradients to fp32 rounding; a head sharded by FSDP2 runs in chunks too."""
+
+import copy
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
 
-from keel.engine.sampler import completion_logprobs, output_head, packed_completion_logprobs
+from keel.distributed.sync import shard_layers
+from keel.engine.head import SHARDED_METHOD, chunked_head, output_head
+from keel.engine.sampler import completion_logprobs, packed_completion_logprobs
 from keel.models import init_model, special_ids
 from keel.tasks import get_task
 from keel.train.sft import IGNORE, completion_loss, encode_traces, pack
@@ -86,3 +93,47 @@ def test_packed_scorer_equals_the_padded_scorer(budget):
     assert torch.equal(m_a, m_b) and lp_a.abs().max() > 1
     assert torch.allclose(lp_a, lp_b, atol=2e-6) and torch.allclose(ent_a, ent_b, atol=2e-6)
     assert all(torch.allclose(x, y, atol=3e-6, rtol=1e-5) for x, y in zip(g_a, g_b))
+
+
+@pytest.fixture
+def one_rank_group():
+    """A process group of this process alone: FSDP2 shards over it as over many (every parameter
+    a DTensor, gathered for each forward)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def untied_model():
+    model, _ = init_model("qwen3", layers=2, hidden=64, seed=0)
+    config = copy.deepcopy(model.config)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@pytest.mark.usefixtures("one_rank_group")
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_head_sharded_by_fsdp_runs_in_chunks_with_the_unsharded_gradients(tied):
+    """It used to be refused (FSDP gathers the head's weight in the root's forward only) and the
+    sharded model built whole logits; now it runs in chunks as a forward method of the root."""
+    plain = init_model("qwen3", layers=2, hidden=64, seed=0)[0] if tied else untied_model()
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tied
+    sharded = copy.deepcopy(plain)
+    shard_layers(sharded, torch.device("cpu"))
+    assert isinstance(output_head(sharded)[0], DTensor) and chunked_head(sharded, 1, 0)
+    whole = []
+    sharded.get_output_embeddings().register_forward_hook(lambda *_: whole.append(1))
+    prompts, completions = ragged(3)
+    out = []
+    for model in (plain, sharded):
+        logp, mask, entropy = completion_logprobs(model, prompts, completions, pad_id=0, temperature=0.9,
+                                                  with_entropy=True, logits_budget=0)
+        (logp * mask * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        out.append((logp * mask, entropy * mask, {n: p.grad for n, p in model.named_parameters()}))
+    assert not whole and SHARDED_METHOD in vars(sharded) and SHARDED_METHOD not in vars(plain)
+    (lp_a, ent_a, g_a), (lp_b, ent_b, g_b) = out
+    assert lp_a.abs().max() > 1 and torch.equal(lp_a, lp_b) and torch.equal(ent_a, ent_b)
+    assert g_a.keys() == g_b.keys() and plain.lm_head.weight.grad.abs().max() > 0
+    # One rank: FSDP's reduce-scatter of the gathered gradient is the gradient itself.
+    assert all(torch.equal(g_a[n], g_b[n].full_tensor()) for n in g_a)

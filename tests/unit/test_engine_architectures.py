@@ -15,7 +15,7 @@ from keel.config import ServeConfig
 from keel.engine.backends import TorchBackend
 from keel.engine.batching import Engine, Request
 from keel.engine.sampler import SamplingParams
-from keel.engine.sampler import generate as rollout_generate
+from keel.completions import generate as rollout_generate
 from keel.errors import KeelError
 from keel.models import build_tokenizer, vocab_extent
 from keel.serve.app import background_server, create_app, make_served
@@ -96,10 +96,11 @@ def test_continuous_batching_matches_generate_per_prompt(case):
 
 
 def test_rollout_sampler_matches_generate_per_prompt(case):
-    """The RL sampler (one left-padded batch, the model's own cache when it has sliding layers)."""
+    """The RL sampler: the same engine over the model itself, every prompt prefilled in one
+    left-padded batch."""
     name, model, tok, ps, expected = case
     rollout = rollout_generate(model, ps, SamplingParams(temperature=0, max_new_tokens=NEW),
-                               eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                               eos_id=tok.eos_token_id)
     assert rollout.tokens == expected
 
 

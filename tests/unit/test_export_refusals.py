@@ -1,6 +1,7 @@
 """`keel export` errors (issue 17 item 7): architectures it cannot export are refused in one line
-before the exporter runs (mixture-of-experts, sliding-window attention), an exporter failure
-names its underlying cause, and the export check runs past a sliding window."""
+before the exporter runs (mixture-of-experts), an exporter failure names its underlying cause, and
+the export check runs past a sliding window. Sliding-window models export since issue 13
+(tests/unit/test_sliding_window_onnx.py)."""
 
 import warnings
 
@@ -35,13 +36,9 @@ def saved(tmp_path, model, tok):
 @pytest.mark.parametrize("config_cls, extra, words", [
     (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
      ["mixture-of-experts", "Qwen3MoeForCausalLM", "num_experts=4", "--backend torch"]),
-    (transformers.MistralConfig, dict(sliding_window=4), ["sliding-window", "sliding_window=4", "--backend torch"]),
-    (transformers.Gemma2Config, dict(sliding_window=4), ["sliding-window", "Gemma2ForCausalLM"]),
 ])
 def test_unexportable_architectures_are_refused_before_exporting(tmp_path, config_cls, extra, words):
-    """Qwen3-MoE used to fail deep in the converter with an empty log tail; a sliding-window model
-    gave a graph that onnxruntime cannot run (at any length, with a window shorter than the traced
-    example; past the window otherwise)."""
+    """Qwen3-MoE used to fail deep in the converter with an empty log tail."""
     model_dir = saved(tmp_path, *tiny(config_cls, **extra))
     with pytest.raises(KeelError) as e:
         export_onnx(model_dir, tmp_path / "onnx")
@@ -50,12 +47,20 @@ def test_unexportable_architectures_are_refused_before_exporting(tmp_path, confi
     assert not (tmp_path / "onnx").exists()
 
 
-def test_full_attention_qwen2_is_not_taken_for_sliding(tmp_path):
+def test_dense_models_are_not_refused():
     from keel.export.onnx import export_refusal
 
+    for config_cls in (transformers.Qwen3Config, transformers.LlamaConfig, transformers.MistralConfig,
+                       transformers.Gemma2Config, transformers.Gemma3TextConfig):
+        assert export_refusal(config_cls()) is None, config_cls.__name__
+
+
+def test_the_export_check_goes_past_the_window_only_where_layers_slide():
+    from keel.export.onnx import CHECK_TOKENS, check_length
+
+    assert check_length(transformers.MistralConfig(sliding_window=8)) == 10
     # Qwen2 sets sliding_window but applies it only to layers marked sliding (none by default)
-    assert export_refusal(transformers.Qwen2Config(sliding_window=4096)) is None
-    assert export_refusal(transformers.Qwen3Config()) is None and export_refusal(transformers.LlamaConfig()) is None
+    assert check_length(transformers.Qwen2Config(sliding_window=4096)) == CHECK_TOKENS
 
 
 def test_export_check_runs_past_the_sliding_window():

@@ -446,3 +446,33 @@ def test_a_batch_without_any_gradient_still_steps_the_optimizer_on_zero_gradient
     params = dict(model.named_parameters())
     assert tap.grads[0].keys() == params.keys() and all((g == 0).all() for g in tap.grads[0].values())
     assert all(trainer.optimizer.state[p]["step"] == 1 for p in params.values())
+
+
+def test_a_rank_short_of_passes_runs_zero_weight_stand_ins_that_change_nothing():
+    """`Sync.passes` is how many forward and backward passes every rank runs (under fsdp the busiest
+    rank's count). A rank with fewer micro-batches runs the rest on stand-in rows at zero weight,
+    the last pass last; its gradient is exactly that of its own micro-batches. A rank without data
+    runs stand-ins only, on zero gradients, and still steps."""
+    model, tok = init_model("qwen3", layers=2, hidden=64, seed=0)
+    cfg = RLConfig(group_size=4, prompts_per_step=3, beta=0.0, micro_batch_tokens=40, device="cpu")
+    empty = torch.zeros(0)
+    for batch in (hand_batch(tok), Batch([], [], empty, empty, empty, empty.bool(), 8, [])):
+        grads, runs = [], []
+        for extra in (0, 2):
+            trainer = RLTrainer(copy.deepcopy(model), tok, cfg)
+            passes, run = trainer.sync.passes, trainer.sync.run
+            trainer.sync.passes = lambda n: passes(n) + extra  # as if another rank had 2 micro-batches more
+            trainer.sync.run = lambda fn, last=True: runs.append((extra, last)) or run(fn, last)
+            tap = GradientTap()
+            row = trainer.update(batch, tap)
+            grads.append(tap.grads[0])
+            assert all(trainer.optimizer.state[p]["step"] == 1 for p in trainer.model.parameters())
+        own = max(1, len(batch.subset(list(range(4, 8))).micro_batches(40))) if batch.completions else 1
+        assert [last for e, last in runs if e == 0] == [False] * (own - 1) + [True]
+        assert [last for e, last in runs if e == 2] == [False] * (own + 1) + [True]
+        assert grads[0].keys() == grads[1].keys() == dict(model.named_parameters()).keys()
+        assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+        if not batch.completions:
+            assert row == {"grad_norm": 0.0, "tokens": 0} and all((g == 0).all() for g in grads[1].values())
+        else:
+            assert max(g.abs().max().item() for g in grads[1].values()) > 1e-4

@@ -184,3 +184,30 @@ def test_gradient_checkpointing_default_follows_model_size_and_an_explicit_setti
     monkeypatch.setattr(models, "CHECKPOINTING_PARAMS", params + 1 if threshold == "above" else params)
     assert models.enable_gradient_checkpointing(model, setting) is expected
     assert all(layer.gradient_checkpointing is expected for layer in model.model.layers)
+
+
+def test_lora_merge_of_a_state_dict_is_peft_merge_and_leaves_the_model_alone():
+    """LoraMerge turns an adapted model's state dict into the plain model's weights: bit for bit
+    what peft's merge_and_unload (on a copy) holds, W + alpha / r * B @ A by hand, and the adapted
+    model, adapters and base, is not changed."""
+    from keel.config import LoraSpec
+    from keel.models import LoraMerge, add_lora, lora_base, merged_copy
+
+    model, _ = init_model("qwen3", layers=1, hidden=64, seed=0)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    adapted = add_lora(model, LoraSpec(r=4, alpha=8), seed=0)
+    merge = LoraMerge(adapted)
+    with torch.no_grad():  # B starts at zero: give the adapters something to merge
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    before = {k: v.clone() for k, v in lora_base(adapted).state_dict().items()}
+    merged = merge(lora_base(adapted).state_dict())
+    want = merged_copy(adapted).state_dict()
+    assert merged.keys() == want.keys() == plain.keys()
+    assert all(torch.equal(merged[k], want[k]) for k in want)
+    q = "model.layers.0.self_attn.q_proj"
+    A, B = before[f"{q}.lora_A.default.weight"], before[f"{q}.lora_B.default.weight"]
+    assert torch.allclose(merged[f"{q}.weight"], plain[f"{q}.weight"] + 8 / 4 * B @ A, atol=1e-6)
+    assert not torch.allclose(merged[f"{q}.weight"], plain[f"{q}.weight"], atol=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in lora_base(adapted).state_dict().items())

@@ -104,7 +104,7 @@ def test_weight_feeds_of_a_model_equal_what_the_tool_made_of_its_rollout_graph(d
     matmuls = [n for n in proto.graph.node if n.op_type in ("MatMulInteger", "MatMulNBits")]
     assert len(matmuls) == 8  # q k v o gate up down, and the LM head (a quantized copy of the tied embedding)
     assert sum(part == 0 for _, part in feeds.values()) == 8 and len({p for _, p in feeds.values()}) == 1 + len(PARTS[dtype])
-    again = weight_feeds(feeds, fp32_state(model), dtype)
+    again = weight_feeds(feeds, fp32_state(model.state_dict()), dtype)
     assert again.keys() == made.keys()
     for name in made:
         assert again[name].dtype == made[name].dtype and np.array_equal(again[name], made[name]), name

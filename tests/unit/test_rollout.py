@@ -1,4 +1,5 @@
-"""Tests for keel.engine.sampler on tiny random Qwen3 / Llama models built from configs (no downloads)."""
+"""Tests for the sampler (keel.engine.sampler, through the one engine: keel.completions.generate) on tiny
+random Qwen3 / Llama models built from configs (no downloads)."""
 
 import math
 
@@ -6,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-import keel.engine.sampler
+import keel.engine.backends
 from keel.errors import KeelError
-from keel.engine.kvcache import preallocated_cache
-from keel.engine.sampler import Rollout, SamplingParams, sample_next, completion_logprobs, generate
+from keel.completions import generate
+from keel.engine.sampler import Rollout, SamplingParams, sample_next, completion_logprobs
 
 PAD = 0
 NO_EOS = 49  # an id we check is never produced where a test wants full-length rows
@@ -84,7 +85,7 @@ def naive_logprobs(model, prompt: list[int], completion: list[int], temperature:
 def test_rollout_logprobs_match_completion_logprobs(model, temperature, top_p):
     stops = {1, 2, 3, 4, 5, 6}  # ~12% stop chance per step, so completion lengths vary
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=10)
-    r = generate(model, PROMPTS, params, eos_id=1, pad_id=PAD, generator=gen(0), stop_ids=stops - {1})
+    r = generate(model, PROMPTS, params, eos_id=1, generator=gen(0), stop_ids=stops - {1})
     assert isinstance(r, Rollout) and len(r.tokens) == len(r.logprobs) == len(r.finished) == len(PROMPTS)
     for toks, lps, fin in zip(r.tokens, r.logprobs, r.finished):
         assert len(lps) == len(toks) and 1 <= len(toks) <= 10
@@ -133,15 +134,15 @@ def test_completion_logprobs_matches_unpadded_reference_with_grad_and_entropy(mo
 
 def test_row_does_not_depend_on_batch(model):
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
-    alone = generate(model, [[16, 17]], params, eos_id=NO_EOS, pad_id=PAD)
-    batch = generate(model, [[20, 21, 22, 23, 24, 25, 26], [16, 17], [3] * 12], params, eos_id=NO_EOS, pad_id=PAD)
+    alone = generate(model, [[16, 17]], params, eos_id=NO_EOS)
+    batch = generate(model, [[20, 21, 22, 23, 24, 25, 26], [16, 17], [3] * 12], params, eos_id=NO_EOS)
     assert batch.tokens[1] == alone.tokens[0]
     torch.testing.assert_close(torch.tensor(batch.logprobs[1]), torch.tensor(alone.logprobs[0]), rtol=0, atol=1e-5)
 
 
 def test_greedy_matches_naive_no_cache_reference(model):
     n = 12
-    r = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=n), eos_id=NO_EOS, pad_id=PAD)
+    r = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=n), eos_id=NO_EOS)
     with torch.no_grad():
         refs = [naive_greedy(model, p, n) for p in PROMPTS]
     for toks, lps, fin, ref, p in zip(r.tokens, r.logprobs, r.finished, refs, PROMPTS):
@@ -156,8 +157,8 @@ def test_greedy_matches_naive_no_cache_reference(model):
 def test_eager_attention_gives_same_results(arch):
     sdpa, eager = tiny_model(arch, "sdpa"), tiny_model(arch, "eager")
     params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=8)
-    a = generate(sdpa, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(3))
-    b = generate(eager, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(3))
+    a = generate(sdpa, PROMPTS, params, eos_id=NO_EOS, generator=gen(3))
+    b = generate(eager, PROMPTS, params, eos_id=NO_EOS, generator=gen(3))
     assert a.tokens == b.tokens and a.finished == b.finished
     for x, y in zip(a.logprobs, b.logprobs):
         torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-5)
@@ -171,7 +172,7 @@ def test_eager_attention_gives_same_results(arch):
 
 def test_same_seed_same_tokens_different_seed_different(model):
     params = SamplingParams(temperature=1.0, max_new_tokens=16)
-    run = lambda seed: generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(seed)).tokens  # noqa: E731
+    run = lambda seed: generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(seed)).tokens  # noqa: E731
     first = run(1)
     assert run(1) == first
     # 4 rows x up to 16 draws from a near-uniform 50-way distribution: a full collision is ~impossible.
@@ -179,9 +180,9 @@ def test_same_seed_same_tokens_different_seed_different(model):
 
 
 def test_tiny_top_p_is_greedy(model):
-    greedy = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8), eos_id=NO_EOS, pad_id=PAD)
+    greedy = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8), eos_id=NO_EOS)
     nucleus = generate(
-        model, PROMPTS, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=8), eos_id=NO_EOS, pad_id=PAD, generator=gen(5)
+        model, PROMPTS, SamplingParams(temperature=1.0, top_p=1e-6, max_new_tokens=8), eos_id=NO_EOS, generator=gen(5)
     )
     assert nucleus.tokens == greedy.tokens
     for x, y in zip(nucleus.logprobs, greedy.logprobs):  # both at temperature 1
@@ -213,7 +214,7 @@ def test_eos_and_stop_ids_end_rows_and_stop_the_loop_early():
     model = tiny_model("qwen3")
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
-    ref = generate(model, prompts, greedy, eos_id=NO_EOS, pad_id=PAD)
+    ref = generate(model, prompts, greedy, eos_id=NO_EOS)
     assert ref.tokens[0] == truncate_at(ref.tokens[0], {NO_EOS}) and len(ref.tokens[0]) == 10  # no EOS: full length
     assert ref.finished == [NO_EOS in t for t in ref.tokens]
 
@@ -221,7 +222,7 @@ def test_eos_and_stop_ids_end_rows_and_stop_the_loop_early():
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        r = generate(model, prompts, greedy, eos_id=eos, pad_id=PAD, stop_ids=[stop])
+        r = generate(model, prompts, greedy, eos_id=eos, stop_ids=[stop])
     finally:
         handle.remove()
     for toks, lps, fin, ref_toks, ref_lps in zip(r.tokens, r.logprobs, r.finished, ref.tokens, ref.logprobs):
@@ -234,7 +235,7 @@ def test_eos_and_stop_ids_end_rows_and_stop_the_loop_early():
 
 def test_max_new_tokens_respected(model):
     for n in (1, 5):
-        r = generate(model, PROMPTS, SamplingParams(max_new_tokens=n), eos_id=NO_EOS, pad_id=PAD, generator=gen(0))
+        r = generate(model, PROMPTS, SamplingParams(max_new_tokens=n), eos_id=NO_EOS, generator=gen(0))
         for toks, fin in zip(r.tokens, r.finished):
             assert len(toks) == n or (fin and len(toks) < n)
 
@@ -248,13 +249,13 @@ def test_model_mode_restored_and_eval_during_generate():
     model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
     for mode in (True, False):
         model.train(mode)
-        generate(model, [[1, 2]], SamplingParams(max_new_tokens=3), eos_id=NO_EOS, pad_id=PAD, generator=gen(0))
+        generate(model, [[1, 2]], SamplingParams(max_new_tokens=3), eos_id=NO_EOS, generator=gen(0))
         assert all(m.training is mode for m in model.modules())
         assert seen and not any(seen)  # every forward ran in eval mode (no dropout)
         seen.clear()
     model.train()
     with pytest.raises(KeelError, match="outside"):  # fails inside the call; mode still restored
-        generate(model, [[1, 99]], SamplingParams(), eos_id=NO_EOS, pad_id=PAD, generator=gen(0))
+        generate(model, [[1, 99]], SamplingParams(), eos_id=NO_EOS, generator=gen(0))
     assert model.training
 
 
@@ -279,9 +280,9 @@ def test_input_validation():
     model = tiny_model("qwen3")
     p = SamplingParams(max_new_tokens=2)
     with pytest.raises(KeelError, match="no prompts"):
-        generate(model, [], p, eos_id=1, pad_id=PAD)
-    with pytest.raises(KeelError, match="empty prompt"):
-        generate(model, [[1], []], p, eos_id=1, pad_id=PAD)
+        generate(model, [], p, eos_id=1)
+    with pytest.raises(KeelError, match="empty"):
+        generate(model, [[1], []], p, eos_id=1)
     with pytest.raises(KeelError, match="one completion per prompt"):
         completion_logprobs(model, [[1]], [[2], [3]], pad_id=PAD)
     with pytest.raises(KeelError, match="outside"):
@@ -295,27 +296,30 @@ def test_layout_left_pad_mask_and_position_ids_count_from_first_real_token():
     show up as float noise in the tests above; here they are checked against hand-written values.)"""
     model = tiny_model("qwen3")
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    ref = generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=3), eos_id=NO_EOS, pad_id=PAD)
-    eos = ref.tokens[0][0]  # row 0 ends at its first token; row 1 runs on (unless it starts the same)
-    assert eos not in ref.tokens[1]
+    params = SamplingParams(temperature=1.0, max_new_tokens=3)
+    ref = generate(model, prompts, params, eos_id=NO_EOS, generator=gen(0))
+    eos = ref.tokens[0][1]  # row 0 ends at its second token; row 1 runs on
+    assert eos not in ref.tokens[1] and eos != ref.tokens[0][0]
     seen = []
     handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     try:
-        r = generate(model, prompts, SamplingParams(temperature=0.0, max_new_tokens=3), eos_id=eos, pad_id=PAD)
+        r = generate(model, prompts, params, eos_id=eos, generator=gen(0))
         completion_logprobs(model, prompts, [[1, 2], [3]], pad_id=PAD)
     finally:
         handle.remove()
-    assert r.tokens == [[eos], ref.tokens[1]] and r.finished == [True, False]
+    # The first two steps draw both rows in one call, as in `ref`; the third draws row 1 alone.
+    assert r.tokens[0] == ref.tokens[0][:2] and r.tokens[1][:2] == ref.tokens[1][:2] and r.finished == [True, False]
     prefill, step1, step2, score = seen
     assert prefill["input_ids"].tolist() == [[PAD, PAD, 5, 6, 7], [8, 9, 10, 11, 12]]
     assert prefill["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert prefill["position_ids"].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
-    assert step1["input_ids"].tolist() == [[eos], [ref.tokens[1][0]]]
+    assert step1["input_ids"].tolist() == [[ref.tokens[0][0]], [ref.tokens[1][0]]]
     assert step1["position_ids"].tolist() == [[3], [5]]
     assert step1["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
-    assert step2["input_ids"].tolist() == [[PAD], [ref.tokens[1][1]]]  # finished row 0 is fed pad
-    assert step2["position_ids"].tolist() == [[4], [6]]
-    assert step2["attention_mask"].shape == (2, 7)
+    # Row 0 finished and left the batch; the columns only it used were trimmed (none here).
+    assert step2["input_ids"].tolist() == [[r.tokens[1][1]]]
+    assert step2["position_ids"].tolist() == [[6]]
+    assert step2["attention_mask"].tolist() == [[1] * 7]
     # Scorer: [left pad | prompt | completion | right pad], positions continue through the completion.
     assert score["input_ids"].tolist() == [[PAD, PAD, 5, 6, 7, 1, 2], [8, 9, 10, 11, 12, 3, PAD]]
     assert score["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]]
@@ -325,26 +329,11 @@ def test_layout_left_pad_mask_and_position_ids_count_from_first_real_token():
 # ----------------------------------------------------------------------------- KV cache, compile
 
 
-def test_preallocated_cache_gives_the_same_rollout_as_the_models_own_cache(model, monkeypatch):
-    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12)
-
-    def run():
-        return generate(model, PROMPTS, params, eos_id=1, pad_id=PAD, generator=gen(4), stop_ids=[2, 3])
-
-    ours = run()
-    monkeypatch.setattr(keel.engine.sampler, "preallocated_cache", lambda model, capacity: None)  # the model's DynamicCache
-    theirs = run()
-    assert ours.tokens == theirs.tokens and ours.finished == theirs.finished
-    for x, y in zip(ours.logprobs, theirs.logprobs):
-        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-6)
-
-
-def test_sliding_window_model_falls_back_to_its_own_cache_and_matches_naive_decoding():
-    # Layer 1 attends to the last 4 positions only: the preallocated cache does not cover that.
+def test_sliding_window_model_matches_naive_decoding():
+    # Layer 1 attends to the last 4 positions only: the cache keeps every column, the mask the window.
     model = tiny_model("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    assert preallocated_cache(model, 32) is None and preallocated_cache(tiny_model("qwen3"), 32) is not None
     n = 8  # prompts of up to 8 tokens + 8 new ones: well past the window
-    r = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=n), eos_id=NO_EOS, pad_id=PAD)
+    r = generate(model, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=n), eos_id=NO_EOS)
     with torch.no_grad():
         refs = [naive_greedy(model, p, n) for p in PROMPTS]
     assert r.tokens == [truncate_at(ref, {NO_EOS}) for ref in refs]
@@ -355,15 +344,15 @@ def test_compile_runs_decode_steps_through_the_compiled_forward(monkeypatch):
     benchmarks/rollout_vs_hf.py --compile exercises it)."""
     model = tiny_model("llama")
     compiled = []
-    monkeypatch.setattr(keel.engine.sampler, "_COMPILED", {})
+    monkeypatch.setattr(keel.engine.backends, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # compiled steps bypass module hooks
     params = SamplingParams(temperature=0.7, max_new_tokens=6)
-    a = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(2), compile=True)
-    generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(2), compile=True)
+    a = generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(2), compile=True)
+    generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(2), compile=True)
     assert compiled == [type(model).forward] and len(calls) == 2  # compiled once; only the prefills were eager
-    b = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(2))
+    b = generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(2))
     assert a.tokens == b.tokens and a.logprobs == b.logprobs
 
 
@@ -375,15 +364,15 @@ def test_compiled_decoding_matches_eager_decoding(monkeypatch):
     import warnings
 
     model = tiny_model("llama", seed=3)
-    monkeypatch.setattr(keel.engine.sampler, "_COMPILED", {})  # compile here, not reuse another test's
+    monkeypatch.setattr(keel.engine.backends, "_COMPILED", {})  # compile here, not reuse another test's
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))  # compiled steps bypass module hooks
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="torch.compile failed")
-        compiled = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, compile=True)
-    assert keel.engine.sampler._COMPILED[type(model)] is not None and len(calls) == 1  # only the prefill ran eagerly
-    eager = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD)
+        compiled = generate(model, PROMPTS, params, eos_id=NO_EOS, compile=True)
+    assert keel.engine.backends._COMPILED[type(model)] is not None and len(calls) == 1  # only the prefill ran eagerly
+    eager = generate(model, PROMPTS, params, eos_id=NO_EOS)
     assert compiled.tokens == eager.tokens and all(len(t) == 8 for t in eager.tokens)
     for x, y in zip(compiled.logprobs, eager.logprobs):
         torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-5)
@@ -399,12 +388,12 @@ def test_compile_failure_warns_and_redoes_the_rollout_eagerly(monkeypatch):
             raise RuntimeError("no working C++ compiler\n(details)")
         return run
 
-    monkeypatch.setattr(keel.engine.sampler, "_COMPILED", {})
+    monkeypatch.setattr(keel.engine.backends, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken_compile)
     params = SamplingParams(temperature=1.0, max_new_tokens=6)
     with pytest.warns(UserWarning, match="torch.compile failed .*no working C\\+\\+ compiler.*decoding eagerly"):
-        a = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(7), compile=True)
-    b = generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(7))
+        a = generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(7), compile=True)
+    b = generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(7))
     assert a.tokens == b.tokens and a.logprobs == b.logprobs  # same generator state as a plain eager call
-    generate(model, PROMPTS, params, eos_id=NO_EOS, pad_id=PAD, generator=gen(7), compile=True)
+    generate(model, PROMPTS, params, eos_id=NO_EOS, generator=gen(7), compile=True)
     assert len(attempts) == 1  # the class is remembered as eager-only: no second attempt, no second warning

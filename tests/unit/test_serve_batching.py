@@ -6,7 +6,7 @@ import pytest
 from keel.errors import KeelError
 from keel.models import init_model, render_prompt, special_ids
 from keel.engine.sampler import SamplingParams
-from keel.engine.sampler import generate as rollout_generate
+from keel.completions import generate as rollout_generate
 from keel.engine.backends import TorchBackend, parse_spec
 from keel.engine.batching import Engine, Request, generate
 
@@ -25,10 +25,10 @@ QUESTIONS = ["1+1", "123+456", "9", "a longer question than the others", "77*3"]
 
 def test_engine_matches_rollout_engine_for_staggered_requests(tiny):
     model, tok, backend = tiny
-    eos, pad = special_ids(tok)
+    eos, _ = special_ids(tok)
     prompts = [render_prompt(tok, q) for q in QUESTIONS]
     greedy = SamplingParams(0.0, 1.0, 12)
-    alone = [rollout_generate(model, [p], greedy, eos_id=eos, pad_id=pad).tokens[0] for p in prompts]
+    alone = [rollout_generate(model, [p], greedy, eos_id=eos).tokens[0] for p in prompts]
 
     engine = Engine(backend, eos_id=eos, max_batch=3)
     reqs = [engine.submit(Request(p, greedy)) for p in prompts[:2]]
@@ -57,9 +57,9 @@ def test_finished_rows_leave_and_cache_is_trimmed(tiny):
     assert long.finish_reason == "length" and engine.running == 1
     # the columns only the long row used are gone: short prompt + its first token
     assert engine._mask_BT.shape[1] == len(short_prompt) + 1
-    assert engine._cache[0].shape[2] == len(short_prompt) + 1 and bool(engine._mask_BT.all())
+    assert engine._cache.get_seq_length() == len(short_prompt) + 1 and bool(engine._mask_BT.all())
     engine.run_until_idle()
-    assert short.done and engine.running == 0 and engine._cache == []
+    assert short.done and engine.running == 0 and engine._cache is None
 
 
 def test_cancel_frees_the_slot(tiny):
@@ -104,13 +104,13 @@ def test_a_group_of_identical_prompts_is_prefilled_once_and_samples_as_if_alone(
         def __getattr__(self, name):
             return getattr(backend, name)
 
-        def forward(self, ids_BS, mask_BT, pos_BS, past):
-            if past[0].shape[2] == 0:
-                prefills.append(ids_BS.shape[1])
-            return backend.forward(ids_BS, mask_BT, pos_BS, past)
+        def forward(self, ids_BS, mask_BT, pos_BS, past, logits_to_keep=0):
+            if past.get_seq_length() == 0:
+                prefills.append(tuple(ids_BS.shape))
+            return backend.forward(ids_BS, mask_BT, pos_BS, past, logits_to_keep)
 
     together = generate(Counting(), group, params, eos_id=eos, seed=11, max_batch=len(group))
-    assert prefills == [len(group[0]), len(group[4])]  # one prefill per distinct prompt
+    assert prefills == [(2, len(group[0]))]  # one prefill, one row per distinct prompt
     # Request i samples from seed 11 + i in both runs: alone (one row, its own prefill) it draws the same.
     alone = [generate(backend, [p], params, eos_id=eos, seed=11 + i)[0].tokens for i, p in enumerate(group)]
     assert [r.tokens for r in together] == alone

@@ -7,15 +7,16 @@ import time
 import pytest
 import torch
 
+from keel.engine.backends import ListCache
 from keel.engine.batching import Engine, QueueFull, Request
 from keel.engine.sampler import SamplingParams
 
 POISON = 7  # a prompt starting with this token makes the backend misbehave for that row
 
 
-class ToyBackend:
+class ToyBackend(ListCache):
     """Logits that favour token (last input + 1) % V, so every row's output is known. A row whose
-    prompt starts with POISON gets NaN logits (`nan`) or a failing prefill (`fail_prefill`)."""
+    prompt starts with POISON gets NaN logits (`nan`), or fails any prefill it is in (`fail_prefill`)."""
 
     name, device, max_context, vocab_size = "toy:cpu:fp32", torch.device("cpu"), 64, 16
 
@@ -25,10 +26,13 @@ class ToyBackend:
     def empty_past(self, batch):
         return [torch.zeros(batch, 1, 0, 1)]
 
-    def forward(self, ids_BS, mask_BT, pos_BS, past):
+    def forward(self, ids_BS, mask_BT, pos_BS, past, logits_to_keep=0):
         B, S = ids_BS.shape
-        first = past[0][:, 0, :1, 0] if past[0].shape[2] else ids_BS[:, :1].float()  # each row's first prompt token
-        if S > 1 and self.fail_prefill and int(ids_BS[0, 0]) == POISON:
+        if past[0].shape[2]:  # each row's first prompt token, as its cache holds it
+            first = past[0][:, 0, -1:, 0]
+        else:  # a left-padded prefill: the first real column of each row
+            first = ids_BS.gather(1, mask_BT.argmax(1, keepdim=True)).float()
+        if S > 1 and self.fail_prefill and bool((first == POISON).any()):
             raise RuntimeError("the backend cannot take this prompt")
         present = [torch.cat([past[0], first.view(B, 1, 1, 1).expand(B, 1, S, 1)], 2)]
         logits = torch.full((B, S, self.vocab_size), -5.0)

@@ -15,7 +15,8 @@ import torch
 from keel.cli import main
 from keel.config import RLConfig, RolloutConfig, SFTConfig
 from keel.engine.backends import load_backend, parse_spec, rollout_section
-from keel.engine.sampler import SamplingParams, completion_logprobs, generate
+from keel.completions import generate
+from keel.engine.sampler import SamplingParams, completion_logprobs
 from keel.engine.vllm_backend import VLLM_MISSING, VllmSampler
 from keel.errors import KeelError
 from keel.models import init_model, render_prompt, save_model
@@ -110,7 +111,7 @@ def test_greedy_equals_keel_torch_greedy(tiny, sampler):
     prompts = prompts_of(tok)
     params = SamplingParams(temperature=0.0, max_new_tokens=16)
     out = sampler.generate(prompts, params, eos_id=tok.eos_token_id)
-    ref = generate(model, prompts, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    ref = generate(model, prompts, params, eos_id=tok.eos_token_id)
     assert out.tokens == ref.tokens and out.finished == ref.finished
     assert max(abs(a - b) for r, s in zip(out.logprobs, ref.logprobs) for a, b in zip(r, s)) < LOGPROB_TOL
 
@@ -156,11 +157,11 @@ def test_weight_sync_follows_a_changed_model(tiny, sampler):
     with torch.no_grad():
         for p in changed.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    sampler.load_weights(changed)
+    sampler.load_weights(changed.state_dict())
     after = sampler.generate(prompts, params, eos_id=tok.eos_token_id, seed=3)
     assert logprob_gap(changed, tok, prompts, after, 1.0) < LOGPROB_TOL
     assert logprob_gap(model, tok, prompts, after, 1.0) > 100 * LOGPROB_TOL
-    sampler.load_weights(model)  # and back
+    sampler.load_weights(model.state_dict())  # and back
     assert sampler.generate(prompts, params, eos_id=tok.eos_token_id, seed=3) == before
 
 
