@@ -324,9 +324,6 @@ class RLConfig:
                  f"(got {self.icepop_low}, {self.icepop_high})", "icepop_low")
         _require(self.async_steps in (0, 1), f"rl: async_steps must be 0 or 1 (got {self.async_steps})",
                  "async_steps")
-        _require(self.async_steps == 0 or self.lora is None,
-                 "rl: async_steps 1 samples on a copy of the model, which lora runs do not support yet: "
-                 "set async_steps: 0", "async_steps")
         object.__setattr__(self, "report_to", check_report_to(self.report_to))
 
     @property

@@ -171,7 +171,7 @@ class RLTrainer:
         self.merge = LoraMerge(self.model) if self.peft is not None else None
         self.sampler, self.sampler_is_trainer = self._make_sampler()
         if cfg.async_steps and self.sampler is None:  # the model trains while its copy samples the next batch
-            self.sampler = TorchBackend(copy.deepcopy(self.model), self.device, "fp32")
+            self.sampler = TorchBackend(self.plain_copy(), self.device, "fp32")
         self.ref = None
         if cfg.beta > 0 and self.peft is None:  # the frozen initial policy for the KL term
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -218,8 +218,8 @@ class RLTrainer:
             r = RolloutConfig()
         if r is None:
             return None, True
-        # LoRA: a plain copy with the adapters merged in. Else the model itself: the onnxruntime and
-        # vLLM samplers export or save it, the torch sampler deep-copies it.
+        # The onnxruntime and vLLM samplers export or save the plain model (LoRA: a merged copy);
+        # the torch sampler holds a copy.
         plain = merged_copy(self.peft) if self.peft is not None else self.model
         if r.backend == "onnxruntime":
             return OrtBackend.from_model(plain, r.provider, dtype=r.dtype), False
@@ -230,7 +230,12 @@ class RLTrainer:
         device = self.device if r.device == "auto" else pick_device(r.device)
         trainer_fp32 = self.cfg.dtype == "fp32" or (self.cfg.dtype == "auto" and not supports_bf16(self.device))
         same = device == self.device and r.dtype == "fp32" and trainer_fp32 and self.peft is None
-        return TorchBackend(plain if self.peft is not None else copy.deepcopy(plain), device, r.dtype), same
+        return TorchBackend(plain if plain is not self.model else copy.deepcopy(plain), device, r.dtype), same
+
+    def plain_copy(self) -> torch.nn.Module:
+        """A plain transformers copy of the model for a torch sampler: under LoRA with the adapters
+        merged in (peft's merge, on a copy), as `rollout_weights` then keeps it."""
+        return merged_copy(self.peft) if self.peft is not None else copy.deepcopy(self.model)
 
     def rollout_weights(self) -> dict[str, torch.Tensor]:
         """The trainer's full weights by name, as the sampler takes them: a sharded model's gathered

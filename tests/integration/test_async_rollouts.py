@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from keel.cli import main
-from keel.config import ResilienceConfig, RLConfig
+from keel.config import LoraSpec, ResilienceConfig, RLConfig
 from keel.engine.backends import TorchBackend
 from keel.engine.sampler import completion_logprobs
-from keel.models import save_model, special_ids
+from keel.models import merged_copy, save_model, special_ids
 from keel.resilience import checkpoint
 from keel.rl.overlap import Overlap, split_threads
 from keel.rl.trainer import RLTrainer, rl
@@ -73,6 +73,24 @@ def test_the_sampler_is_a_copy_one_update_behind_and_the_correction_is_on(sft_mo
     assert all(row["mismatch_k3"] > 1e-7 for row in rows[1:])  # then one update behind
     assert all(row["grad_norm"] > 0 for row in rows)
 
+
+
+def test_with_lora_the_copy_samples_the_merged_weights_one_update_behind(sft_model):
+    """async_steps 1 under LoRA: the sampler is a plain model with the adapters merged in (no
+    adapter layers of its own), and each next batch is drawn with the merged weights one update behind."""
+    model, tok = sft_model
+    trainer = RLTrainer(copy.deepcopy(model), tok, cfg(beta=0.01, lora=LoraSpec(r=4)))
+    assert not any("lora_" in k for k in trainer.sampler.model.state_dict())
+    merged = [merged_copy(trainer.peft)]  # the merged W_0, W_1, ...
+    for _ in range(2):
+        row = trainer.step()
+        merged.append(merged_copy(trainer.peft))
+        n, batch = trainer.step_idx, trainer.pending
+        recorded = batch.sampling_logprobs("cpu")
+        behind = (sampled_logprobs(merged[n - 1], tok, batch) - recorded).abs().max().item()
+        current = (sampled_logprobs(merged[n], tok, batch) - recorded).abs().max().item()
+        assert behind < 1e-4 < current, (n, behind, current)
+        assert row["grad_norm"] > 0
 
 def test_async_kill_and_resume_is_bit_identical(sft_model, tmp_path):
     """Killed after step 3 with a checkpoint at step 2, resumed in a new trainer (a new sampler
