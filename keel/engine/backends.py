@@ -135,19 +135,24 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
+def engine_ready(model) -> None:
+    """Refuse a model whose attention layers a cache of every column would serve wrongly, and run
+    soft-capped attention eagerly (`eager_if_soft_capped`: `model` is switched in place). The torch
+    backend and the ONNX trace (`KVModel`) both call it, so they refuse and run the same models."""
+    types = set(attention_layer_types(model.config))
+    if not types or not types <= FULL_CACHE_LAYERS:
+        other = sorted(types - FULL_CACHE_LAYERS)
+        raise KeelError(f"{type(model).__name__} has {', '.join(other) or 'no attention'} layers: the keel engine's "
+                        f"KV cache serves only {' and '.join(sorted(FULL_CACHE_LAYERS))} layers", field="model")
+    eager_if_soft_capped(model)
+
+
 class KVModel(torch.nn.Module):
-    """An HF causal LM as a pure function of flat tensors, which the ONNX exporter traces. The torch
-    backend builds one too, so that both refuse the same layers and run soft-capped attention
-    eagerly (`eager_if_soft_capped`: `model` is switched in place)."""
+    """An HF causal LM as a pure function of flat tensors, which the ONNX exporter traces."""
 
     def __init__(self, model):
         super().__init__()
-        types = set(attention_layer_types(model.config))
-        if not types or not types <= FULL_CACHE_LAYERS:
-            other = sorted(types - FULL_CACHE_LAYERS)
-            raise KeelError(f"{type(model).__name__} has {', '.join(other) or 'no attention'} layers: the keel engine's "
-                            f"KV cache serves only {' and '.join(sorted(FULL_CACHE_LAYERS))} layers", field="model")
-        eager_if_soft_capped(model)
+        engine_ready(model)
         self.model = model
         self.layers = model.config.num_hidden_layers
         self.cache_kw = cache_kwarg(model)
@@ -192,7 +197,7 @@ class TorchBackend:
 
     def _wrap(self, model, dtype: str, compile: bool = False) -> None:
         self.compile = compile
-        KVModel(model)  # refuses the attention layers a cache of every column would serve wrongly
+        engine_ready(model)
         self.model, self.dtype = model.eval(), DTYPES[dtype]
         self.device = next(model.parameters()).device
         self.cache_kw = cache_kwarg(model)

@@ -218,19 +218,17 @@ class RLTrainer:
             r = RolloutConfig()
         if r is None:
             return None, True
-        # The onnxruntime and vLLM samplers export or save the plain model (LoRA: a merged copy);
-        # the torch sampler holds a copy.
-        plain = merged_copy(self.peft) if self.peft is not None else self.model
-        if r.backend == "onnxruntime":
-            return OrtBackend.from_model(plain, r.provider, dtype=r.dtype), False
-        if r.backend == "vllm":
+        if r.backend != "torch":  # they export or save the plain model (LoRA: a merged copy), not keep it
+            plain = merged_copy(self.peft) if self.peft is not None else self.model
+            if r.backend == "onnxruntime":
+                return OrtBackend.from_model(plain, r.provider, dtype=r.dtype), False
             rows = self.cfg.rollout_batch_size or self.cfg.prompts_per_step * self.cfg.group_size
             return VllmSampler.from_model(plain, device=r.device, dtype=r.dtype, seed=self.cfg.seed,
                                           max_batch=rows), False
         device = self.device if r.device == "auto" else pick_device(r.device)
         trainer_fp32 = self.cfg.dtype == "fp32" or (self.cfg.dtype == "auto" and not supports_bf16(self.device))
         same = device == self.device and r.dtype == "fp32" and trainer_fp32 and self.peft is None
-        return TorchBackend(plain if plain is not self.model else copy.deepcopy(plain), device, r.dtype), same
+        return TorchBackend(self.plain_copy(), device, r.dtype), same
 
     def plain_copy(self) -> torch.nn.Module:
         """A plain transformers copy of the model for a torch sampler: under LoRA with the adapters
