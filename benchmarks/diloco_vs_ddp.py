@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from keel.config import DemoConfig, EvalConfig  # noqa: E402
+from keel.config import DemoConfig  # noqa: E402
 from keel.evaluate import evaluate  # noqa: E402
 from keel.models import init_model, load_model, save_model  # noqa: E402
 from keel.report import goodput  # noqa: E402

@@ -4,9 +4,10 @@ Both sides train the same locally built Qwen3 (saved once to a temp folder, load
 with transformers) on the same arithmetic prompts, rendered with the same chat template: 4 prompts
 x 8 samples per optimizer step, exactly 64 completion tokens per sample (EOS never ends a sample),
 the GRPO loss with beta 0 and one update per batch, the same reward function (keel's verifier),
-fp32 on the CPU (the fastest dtype on a CPU without AMX; `--keel-dtype bf16` puts keel under
-bf16 autocast where the CPU has AMX), the same torch thread count. Each side runs at its
-fastest setting: keel compiles its decode step (`RLConfig.compile`; the compile happens in the
+the same torch thread count, and the same training precision, `--dtype`: fp32, or bf16 (keel
+under bf16 autocast, TRL with `bf16=True`, Accelerate's bf16 autocast). bf16 pays on CPUs with
+bf16 dot-product instructions (AVX512_BF16, e.g. Zen 4, where a bf16 matmul runs 2.3x an fp32
+one, or AMX); elsewhere it is slower than fp32. Each side runs at its fastest setting: keel compiles its decode step (`RLConfig.compile`; the compile happens in the
 warm-up steps), TRL runs its defaults minus gradient checkpointing. With `--keel-rollout SPEC`
 a third side, `keel_rollout`, is keel sampling on another backend (RLConfig's `rollout` section,
 e.g. onnxruntime:cpu:fp32, or onnxruntime:cpu:int8 where this keel has it) with the off-policy
@@ -27,6 +28,7 @@ sibling made 2-thread runs 10-40x slower there, on both sides.
     .venv/bin/python benchmarks/grpo_vs_trl.py --model both --steps 5 --warmup 2 --repeats 3
     .venv/bin/python benchmarks/grpo_vs_trl.py --model 3m --profile   # also: where each side's step goes
     .venv/bin/python benchmarks/grpo_vs_trl.py --model both --keel-rollout onnxruntime:cpu:int8
+    .venv/bin/python benchmarks/grpo_vs_trl.py --model both --dtype bf16 --keel-rollout torch:cpu:bf16  # Zen 4
 """
 
 from __future__ import annotations
@@ -169,7 +171,6 @@ def profile_keel(trainer) -> Phases:
 
     phases = Phases()
     phases.wrap(C, "generate", "generate")
-    phases.wrap(C, "_generate_on_backend", "generate")  # a rollout backend samples through this one
     if trainer.sampler is not None:
         phases.wrap(trainer, "sync_sampler", "weight_sync")
     phases.wrap(trainer.task, "reward", "reward")
@@ -183,7 +184,8 @@ def profile_keel(trainer) -> Phases:
 # ----------------------------------------------------------------------------- TRL side
 
 
-def run_trl(model_dir: str, warmup: int, steps: int, profile: bool, reward: str = "verifier") -> dict:
+def run_trl(model_dir: str, warmup: int, steps: int, profile: bool, reward: str = "verifier",
+            dtype: str = "fp32") -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -220,7 +222,7 @@ def run_trl(model_dir: str, warmup: int, steps: int, profile: bool, reward: str 
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=False, fp16=False, seed=SEED,
+            output_dir=out, use_cpu=True, bf16=dtype == "bf16", fp16=False, seed=SEED,
             max_steps=warmup + steps, per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1,
             num_generations=GROUP, max_completion_length=TOKENS, temperature=1.0, top_p=1.0,
             generation_kwargs={"min_new_tokens": TOKENS},  # EOS masked until the budget is spent
@@ -261,10 +263,10 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     if args.side in ("keel", "keel_rollout"):
         rollout = args.keel_rollout if args.side == "keel_rollout" else None
-        out = run_keel(args.model_dir, args.warmup, args.steps, args.profile, not args.keel_eager, args.keel_dtype,
+        out = run_keel(args.model_dir, args.warmup, args.steps, args.profile, not args.keel_eager, args.dtype,
                        rollout, args.keel_correction, args.reward, args.keel_async_steps)
     else:
-        out = run_trl(args.model_dir, args.warmup, args.steps, args.profile, args.reward)
+        out = run_trl(args.model_dir, args.warmup, args.steps, args.profile, args.reward, args.dtype)
     print(json.dumps(out))
 
 
@@ -273,7 +275,7 @@ def spawn(side: str, model_dir: str, args) -> dict:
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, __file__, "--side", side, "--model-dir", model_dir, "--threads", str(args.threads),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--keel-dtype", args.keel_dtype,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype,
            "--reward", args.reward] + (
            ["--profile"] if args.profile else []) + (["--keel-eager"] if args.keel_eager else []) + (
            ["--keel-rollout", args.keel_rollout, "--keel-correction", args.keel_correction,
@@ -338,8 +340,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
     p.add_argument("--profile", action="store_true", help="also time the phases of each side's step")
     p.add_argument("--keel-eager", action="store_true", help="keel without its compiled decode step")
-    p.add_argument("--keel-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="keel's autocast dtype: bf16 pays on CPUs with AMX (slower than fp32 without it)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="both sides' training precision: bf16 autocast pays on CPUs with AVX512_BF16 or AMX")
     p.add_argument("--keel-rollout", metavar="SPEC", help="also run keel sampling on this backend, e.g. "
                    "onnxruntime:cpu:fp32 or onnxruntime:cpu:int8 (RLConfig's rollout section)")
     p.add_argument("--keel-correction", default="tis", choices=["tis", "icepop", "seq_mask", "none"],
@@ -393,7 +395,7 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "grpo_vs_trl", "trl": trl.__version__, "torch": torch.__version__, "threads": args.threads,
-        "keel_compile": not args.keel_eager, "keel_dtype": args.keel_dtype,
+        "keel_compile": not args.keel_eager, "dtype": args.dtype,
         "reward": args.reward, "keel_rollout": args.keel_rollout,
         "keel_correction": args.keel_correction if args.keel_rollout else None,
         "keel_async_steps": args.keel_async_steps,

@@ -11,10 +11,13 @@ Each side runs in its own worker process (so each peak RSS is its own), warms up
 sides are timed in turn, `--repeats` times each; the table shows medians. A third worker times
 the model's matmuls alone (every nn.Linear once per token step, on [batch, in] inputs, with the
 same threads; no attention, no sampling): a floor that no engine running these fp32 matmuls on
-this machine goes under, so `floor_tok_s / hf_tok_s` is about the largest ratio any could show.
+this machine goes under, so `floor_tok_s / hf_tok_s` is about the largest ratio any fp32 engine
+could show. A fourth, `hf_bf16`, is transformers' generate() on the model cast to bf16: the peer
+of keel's torch:cpu:bf16 sampler (on CPUs with AVX512_BF16 or AMX, bf16 matmuls beat the fp32
+floor), so the table also gives the fastest keel sampler against it.
 keel's side is what RL rollouts, `keel eval` and `keel label` run: `keel.completions.generate`,
 the one engine (keel.engine.batching) over the model itself, every row sampling from one generator.
-`--compile` adds a fourth worker, keel with `compile=True`; its compile time is in its warm-up
+`--compile` adds a worker, keel with `compile=True`; its compile time is in its warm-up
 column, not in its tok/s.
 
 `--backends` adds one worker per keel backend spec (default: onnxruntime:cpu:fp32, :int8 and
@@ -30,6 +33,7 @@ rows at `--threads 0`. The JSON's `best` names the fastest keel worker and `best
     .venv/bin/python benchmarks/rollout_vs_hf.py --compile
     .venv/bin/python benchmarks/rollout_vs_hf.py --hidden 256 --layers 4 --repeats 9
     .venv/bin/python benchmarks/rollout_vs_hf.py --backends onnxruntime:cpu:int8,torch:cpu:bf16
+    .venv-vllm/bin/python benchmarks/rollout_vs_hf.py --backends vllm:cpu,torch:cpu:bf16   # with vLLM
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import time
 
 from common import peak_rss_mb
 
-SIDES = ("keel", "hf", "floor", "keel_compiled")
+SIDES = ("keel", "hf", "floor", "hf_bf16", "keel_compiled")
 DEFAULT_BACKENDS = "onnxruntime:cpu:fp32,onnxruntime:cpu:int8,onnxruntime:cpu:int4"
 
 
@@ -97,7 +101,9 @@ def worker(side: str, args) -> None:
             g = torch.Generator().manual_seed(seed)
             out = generate(model, prompts, params, eos_id=-1, generator=g, compile=side == "keel_compiled")
             return sum(len(t) for t in out.tokens)
-    elif side == "hf":
+    elif side in ("hf", "hf_bf16"):
+        if side == "hf_bf16":
+            model.to(torch.bfloat16)
         enc = tok.pad([{"input_ids": p} for p in prompts], padding_side="left", return_tensors="pt")
 
         def once(seed: int) -> int:
@@ -127,6 +133,16 @@ def worker(side: str, args) -> None:
         print(json.dumps({"tokens": tokens, "tok_s": tokens / dt, "peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
+def read_json(worker) -> dict | None:
+    """The worker's next JSON line (None at its end); other lines (a library's log on stdout, as
+    vLLM writes it) are passed on to stderr."""
+    for line in worker.stdout:
+        if line.startswith("{"):
+            return json.loads(line)
+        sys.stderr.write(line)
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="qwen3", choices=["qwen3", "llama"])
@@ -147,12 +163,12 @@ def main() -> None:
 
     cmd = [sys.executable, __file__] + sys.argv[1:]
     specs = [b for b in args.backends.split(",") if b]
-    sides = [*(SIDES if args.compile else SIDES[:3]), *specs]
+    sides = [*(SIDES if args.compile else SIDES[:4]), *specs]
     workers, unavailable = {}, {}
     for side in sides:  # started and warmed one at a time, so warm-ups do not compete
         print(f"starting and warming up the {side} worker", file=sys.stderr, flush=True)
         w = subprocess.Popen(cmd + ["--worker", side], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        first = json.loads(w.stdout.readline() or '{"error": "the worker died (its error is above)"}')
+        first = read_json(w) or {"error": "the worker died (its error is above)"}
         if "error" in first:
             unavailable[side] = first["error"]
             w.stdin.close()
@@ -167,7 +183,7 @@ def main() -> None:
         for side in sides:
             workers[side].stdin.write(f"{r}\n")
             workers[side].stdin.flush()
-            runs[side].append(json.loads(workers[side].stdout.readline()))
+            runs[side].append(read_json(workers[side]))
     for w in workers.values():
         w.stdin.close()
         w.wait(60)
@@ -182,7 +198,7 @@ def main() -> None:
         res[side] = {"tok_s": statistics.median(tok_s), "min": min(tok_s), "max": max(tok_s),
                      "peak_rss_mb": max(run["peak_rss_mb"] for run in runs[side]), "warmup_s": workers[side].warmup_s}
     ratio = res["keel"]["tok_s"] / res["hf"]["tok_s"]
-    keel_sides = [s for s in sides if s not in ("hf", "floor")]
+    keel_sides = [s for s in sides if s not in ("hf", "floor", "hf_bf16")]
     best = max(keel_sides, key=lambda s: res[s]["tok_s"])
     best_ratio = res[best]["tok_s"] / res["hf"]["tok_s"]
 
@@ -190,6 +206,7 @@ def main() -> None:
           f"median of {args.repeats} alternating runs")
     print(f"{'side':<32}{'tok/s':>9}{'min':>9}{'max':>9}{'ms/step':>9}{'vs HF':>7}{'warm-up s':>11}{'peak RSS MB':>13}")
     names = {"keel": "keel.completions.generate", "hf": "transformers generate()", "floor": "matmuls only (floor)",
+             "hf_bf16": "transformers generate(), bf16",
              "keel_compiled": "keel, compile=True"}
     for side in sides:
         r = res[side]
@@ -199,7 +216,8 @@ def main() -> None:
     for side, why in unavailable.items():
         print(f"{'keel, ' + side:<32}  not available: {why}")
     print(f"keel / transformers = {ratio:.2f}x; fastest keel ({best}) {best_ratio:.2f}x  (goal 3x; the fp32 matmul "
-          f"floor allows at most {res['floor']['tok_s'] / res['hf']['tok_s']:.2f}x)")
+          f"floor allows at most {res['floor']['tok_s'] / res['hf']['tok_s']:.2f}x at fp32); against transformers "
+          f"in bf16 {res[best]['tok_s'] / res['hf_bf16']['tok_s']:.2f}x")
     extra = {}
     if args.compile:
         c = res["keel_compiled"]
@@ -219,6 +237,8 @@ def main() -> None:
         "threads": args.threads or torch.get_num_threads(),
         "keel_tok_s": round(res["keel"]["tok_s"], 1), "hf_tok_s": round(res["hf"]["tok_s"], 1),
         "floor_tok_s": round(res["floor"]["tok_s"], 1), "ratio": round(ratio, 3),
+        "hf_bf16_tok_s": round(res["hf_bf16"]["tok_s"], 1), "hf_bf16_peak_rss_mb": round(res["hf_bf16"]["peak_rss_mb"], 1),
+        "best_ratio_vs_hf_bf16": round(res[best]["tok_s"] / res["hf_bf16"]["tok_s"], 3),
         "max_ratio_at_floor": round(res["floor"]["tok_s"] / res["hf"]["tok_s"], 3),
         "keel_peak_rss_mb": round(res["keel"]["peak_rss_mb"], 1), "hf_peak_rss_mb": round(res["hf"]["peak_rss_mb"], 1),
         "keel_warmup_s": round(res["keel"]["warmup_s"], 2), "hf_warmup_s": round(res["hf"]["warmup_s"], 2),

@@ -5,6 +5,7 @@ generate the same tokens) sequentially, then all at once from N threads, and pri
 last, one JSON line with the throughput ratio.
 
     .venv/bin/python benchmarks/serve_batching.py --model runs/demo/model --clients 16
+    .venv-vllm/bin/python benchmarks/serve_batching.py --clients 16 --backend vllm:cpu
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def free_port() -> int:
 
 def start_server(model: str, port: int, args) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "keel", "serve", "--model", model, "--port", str(port), "--device", "cpu",
-           "--max-batch", str(args.clients), "--model-name", "bench"]
+           "--max-batch", str(args.clients), "--model-name", "bench", "--backend", args.backend]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -80,6 +81,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF model directory (default: a fresh 4-layer Qwen3)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--backend", default="torch",
+                   help="keel serve's --backend: torch, onnxruntime:cpu:int8, vllm:cpu (in .venv-vllm), ...")
     args = p.parse_args()
 
     from keel.tasks import get_task
@@ -115,7 +118,8 @@ def main() -> None:
         if line.startswith("keel_decode_rows_total "):
             rows = int(line.split()[1])
     print(json.dumps({"benchmark": "serve_batching", "model": model if args.model else "fresh qwen3 4x128",
-                      "clients": args.clients, "max_tokens": args.max_tokens, "threads": os.cpu_count(),
+                      "backend": args.backend, "clients": args.clients, "max_tokens": args.max_tokens,
+                      "threads": os.cpu_count(),
                       "sequential_tok_s": round(seq["tok_s"], 1), "concurrent_tok_s": round(con["tok_s"], 1),
                       "mean_decode_batch_both_runs": round(rows / max(steps, 1), 2),
                       "ratio": round(con["tok_s"] / seq["tok_s"], 2)}))

@@ -3,7 +3,7 @@ pass@1 reaches a target (0.70) on the demo's 200 test questions.
 
 Both sides start from the demo's SFT model (built once here by keel's own demo SFT stage, or a
 folder passed with --sft-model) and train the demo's RL stage: the same training prompts in the
-same order (keel's `Epochs` over `train_prompts`, seed 1), 8 prompts x 8 samples a step, reward =
+same order (keel's `Epochs` over `train_prompts`, the RL seed: the demo's 1 unless `--seeds`), 8 prompts x 8 samples a step, reward =
 keel's verifier (correct + 0.1 x format, as keel's trainer scores it, on the completion decoded
 without special tokens), GRPO (clip 0.2, per-sequence token mean, group std scaling, k3 KL to the
 SFT model with beta 0.005), lr 5e-5 constant, AdamW betas (0.9, 0.95) without weight decay,
@@ -31,14 +31,21 @@ torch threads between trainer and sampler (at least one each), so compare those 
 `--threads` = the machine's cores. With async 1 the sampling thread is joined inside each step,
 so nothing runs while the benchmark evaluates.
 
+Where a side crosses the target depends on the seed (an evaluation every 10 steps, a few points of
+pass@1 between evaluations), so `--seeds 1,2,3` runs every side once per seed (both sides on the
+same seed) and reports medians over the seeds; a side that misses the target on any seed has no
+median.
+
 Writes, under --work: sft-<steps>/model (reused), pass_at_1.png (the pass@1 curves against wall
-seconds) and results.json; prints a table and, last, one JSON line with keel_s, trl_s and ratio
-(keel_s / trl_s; keel_s is keel-tis's when --keel-rollout is given, else keel's) and the
+seconds, one line per side and seed) and results.json; prints a table (one row per seed and side)
+and, last, one JSON line with keel_s, trl_s (medians over the seeds) and ratio (keel_s / trl_s;
+keel_s is keel-tis's when --keel-rollout is given, else keel's), the ratio per seed, and the
 correction off/on figures. Seconds are null where a side never reached the target.
 
     .venv/bin/python -m pip install -e ".[bench]"   # TRL
     .venv/bin/python benchmarks/time_to_accuracy.py --threads 2
     .venv/bin/python benchmarks/time_to_accuracy.py --threads 2 --keel-rollout onnxruntime:cpu:fp32
+    .venv/bin/python benchmarks/time_to_accuracy.py --threads 2 --keel-rollout onnxruntime:cpu:int8 --seeds 1,2,3
     .venv/bin/python benchmarks/time_to_accuracy.py --sft-steps 30 --max-steps 4 --eval-every 2 --eval-n 20  # a check
 """
 
@@ -48,6 +55,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,15 +76,19 @@ def demo():
     return DemoConfig()
 
 
-def rl_config(max_steps: int, rollout: str | None, correction: str, compile: bool, async_steps: int = 0):
+def rl_config(max_steps: int, rollout: str | None, correction: str, compile: bool, async_steps: int = 0,
+              seed: int | None = None):
     """The demo's RL stage on the CPU in fp32 (TRL's dtype here), no in-loop evaluation (the
-    benchmark evaluates), optionally sampling on another backend, overlapped with training."""
+    benchmark evaluates), optionally sampling on another backend, overlapped with training;
+    `seed` replaces the demo's (its sampling and its prompt order)."""
     from keel.config import RolloutConfig, from_dict
     from keel.engine.backends import rollout_section
 
     section = from_dict(RolloutConfig, rollout_section(rollout), "rollout") if rollout else None
-    return dataclasses.replace(demo().stage("rl"), steps=max_steps, device="cpu", dtype="fp32", eval_every=0,
+    rl = demo().stage("rl")
+    return dataclasses.replace(rl, steps=max_steps, device="cpu", dtype="fp32", eval_every=0,
                                compile=compile, rollout=section, correction=correction,
+                               seed=rl.seed if seed is None else seed,
                                **({"async_steps": async_steps} if async_steps else {}))
 
 
@@ -131,7 +143,7 @@ def run_keel(args, correction: str) -> dict:
     model, tokenizer = load_model(args.model_dir)
     clock = Clock(model, tokenizer, args.eval_n)
     cfg = rl_config(args.max_steps, args.keel_rollout, correction, args.keel_compile,
-                    args.keel_async_steps if args.keel_rollout else 0)
+                    args.keel_async_steps if args.keel_rollout else 0, args.seed)
     clock.start()
     trainer = RLTrainer(model, tokenizer, cfg)
     rows = []
@@ -162,7 +174,7 @@ def run_trl(args) -> dict:
     from keel.rl.trainer import train_prompts
     from keel.tasks import get_task
 
-    rl = rl_config(args.max_steps, None, "none", False)
+    rl = rl_config(args.max_steps, None, "none", False, seed=args.seed)
     model, tokenizer = load_model(args.model_dir)
     clock = Clock(model, tokenizer, args.eval_n)
     clock.start()  # keel's clock counts its prompt pool too (RLTrainer draws it)
@@ -229,16 +241,16 @@ def child(args) -> None:
     print(json.dumps(out))
 
 
-def spawn(side: str, model_dir: Path, args) -> dict:
+def spawn(side: str, model_dir: Path, args, seed: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, __file__, "--side", side, "--model-dir", str(model_dir), "--threads", str(args.threads),
            "--max-steps", str(args.max_steps), "--eval-every", str(args.eval_every), "--eval-n", str(args.eval_n),
-           "--target", str(args.target)] + (["--keel-compile"] if args.keel_compile else []) + (
+           "--target", str(args.target), "--seed", str(seed)] + (["--keel-compile"] if args.keel_compile else []) + (
            ["--keel-rollout", args.keel_rollout, "--keel-async-steps", str(args.keel_async_steps)]
            if side in ("keel-none", "keel-tis") else [])
-    print(f"{side}:", file=sys.stderr, flush=True)
+    print(f"{side}, seed {seed}:", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # progress on stderr as it comes
     if proc.returncode:
@@ -286,7 +298,8 @@ def summarise(side: str, res: dict, target: float) -> dict:
     return s
 
 
-def plot(results: dict, target: float, path: Path, rollout: str | None) -> Path:
+def plot(runs: dict, target: float, path: Path, rollout: str | None) -> Path:
+    """pass@1 against wall seconds: one colour per side, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,18 +308,26 @@ def plot(results: dict, target: float, path: Path, rollout: str | None) -> Path:
     from keel.report import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for side, res in results.items():
-        curve = res["curve"]
+    sides = list(next(iter(runs.values())))
+    for i, side in enumerate(sides):
         label = {"keel-none": f"keel on {rollout}, no correction",
                  "keel-tis": f"keel on {rollout}, TIS"}.get(side, side)
-        ax.plot([c["wall_s"] for c in curve], [c["pass@1"] for c in curve], marker="o", markersize=3, label=label)
+        for j, results in enumerate(runs.values()):
+            curve = results[side]["curve"]
+            ax.plot([c["wall_s"] for c in curve], [c["pass@1"] for c in curve], marker="o", markersize=3,
+                    color=f"C{i}", alpha=0.8, label=label if j == 0 else None)
     ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.2f}")
     ax.set_xlabel("wall seconds (evaluation excluded)")
     ax.set_ylabel("held-out greedy pass@1")
-    ax.set_title("time to accuracy: the demo's RL stage from its SFT model")
+    ax.set_title(f"time to accuracy: the demo's RL stage from its SFT model, {len(runs)} seed(s)")
     ax.legend()
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+def median_or_none(values: list) -> float | None:
+    """The median of `values`, or None when any is None (a seed where the target was not reached)."""
+    return None if not values or any(v is None for v in values) else statistics.median(values)
 
 
 def main() -> None:
@@ -328,6 +349,9 @@ def main() -> None:
                    "time counts in their wall clock)")
     p.add_argument("--sides", default=None, help=f"comma-separated subset of {', '.join(SIDES)} (default: keel, "
                    "trl, and keel-none, keel-tis with --keel-rollout)")
+    p.add_argument("--seeds", default="1", help="comma-separated RL seeds (sampling and prompt order) on both "
+                   "sides; each side runs once per seed and the figures are medians (default: the demo's 1)")
+    p.add_argument("--seed", type=int, default=1, help=argparse.SUPPRESS)  # internal: one side's seed
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side's run
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -350,45 +374,64 @@ def main() -> None:
             p.error(f"--keel-rollout {args.keel_rollout}: {e}")
 
     model_dir = args.sft_model or sft_model(args.work, args.sft_steps)
-    results = {side: spawn(side, model_dir, args) for side in sides}
-    starts = {side: r["curve"][0]["pass@1"] for side, r in results.items()}
-    assert len(set(starts.values())) == 1, f"the sides scored the SFT model differently: {starts}"
+    seeds = [int(x) for x in args.seeds.split(",")]
+    runs, summaries = {}, {}
+    for seed in seeds:  # every side on one seed, then the next seed
+        results = {side: spawn(side, model_dir, args, seed) for side in sides}
+        starts = {side: r["curve"][0]["pass@1"] for side, r in results.items()}
+        assert len(set(starts.values())) == 1, f"the sides scored the SFT model differently: {starts}"
+        summary = {side: summarise(side, r, args.target) for side, r in results.items()}
+        equal_s = min(r["curve"][-1]["wall_s"] for r in results.values())  # every side ran this long
+        for side, r in results.items():
+            summary[side]["pass@1_at_equal_s"] = pass_at(r["curve"], equal_s)
+        summary["equal_wall_s"] = round(equal_s, 2)
+        runs[seed], summaries[seed] = results, summary
+    png = plot(runs, args.target, args.work / "pass_at_1.png", args.keel_rollout)
+    sft_pass = runs[seeds[0]][sides[0]]["curve"][0]["pass@1"]
 
-    summary = {side: summarise(side, r, args.target) for side, r in results.items()}
-    equal_s = min(r["curve"][-1]["wall_s"] for r in results.values())  # every side ran this long
-    for side, r in results.items():
-        summary[side]["pass@1_at_equal_s"] = pass_at(r["curve"], equal_s)
-    png = plot(results, args.target, args.work / "pass_at_1.png", args.keel_rollout)
-
-    print(f"from the SFT model at pass@1 {next(iter(starts.values())):.3f} to {args.target:.2f}, "
-          f"eval every {args.eval_every} steps on {args.eval_n} questions, {args.threads} threads; curves in {png}")
-    print(f"{'side':<11}{'s to target':>12}{'steps':>7}{f'pass@1 @ {equal_s:.0f}s':>16}{'final pass@1':>14}"
+    print(f"from the SFT model at pass@1 {sft_pass:.3f} to {args.target:.2f}, eval every {args.eval_every} steps "
+          f"on {args.eval_n} questions, {args.threads} threads, seeds {args.seeds}; curves in {png}")
+    print(f"{'seed':<6}{'side':<11}{'s to target':>12}{'steps':>7}{'pass@1 @ equal s':>18}{'final pass@1':>14}"
           f"{'steps run':>11}{'peak RSS MB':>13}{'mismatch KL':>13}{'corrected':>11}")
-    for side, s in summary.items():
-        secs = "not reached" if s["s"] is None else f"{s['s']:.1f}"
-        kl = f"{s['mismatch_kl']:.2e}" if "mismatch_kl" in s else "-"
-        share = f"{s['correction_share']:.4f}" if "correction_share" in s else "-"
-        print(f"{side:<11}{secs:>12}{s['steps'] or '-':>7}{s['pass@1_at_equal_s']:>16.3f}{s['final_pass@1']:>14.3f}"
-              f"{s['steps_run']:>11}{s['rss_mb']:>13.0f}{kl:>13}{share:>11}")
+    for seed, summary in summaries.items():
+        for side in sides:
+            s = summary[side]
+            secs = "not reached" if s["s"] is None else f"{s['s']:.1f}"
+            kl = f"{s['mismatch_kl']:.2e}" if "mismatch_kl" in s else "-"
+            share = f"{s['correction_share']:.4f}" if "correction_share" in s else "-"
+            at_equal = f"{s['pass@1_at_equal_s']:.3f} @ {summary['equal_wall_s']:.0f}s"
+            print(f"{seed:<6}{side:<11}{secs:>12}{s['steps'] or '-':>7}{at_equal:>18}{s['final_pass@1']:>14.3f}"
+                  f"{s['steps_run']:>11}{s['rss_mb']:>13.0f}{kl:>13}{share:>11}")
+    medians = {side: median_or_none([summaries[seed][side]["s"] for seed in seeds]) for side in sides}
+    print("median seconds to target: " + ", ".join(
+        f"{side} {'not reached on every seed' if m is None else f'{m:.1f}'}" for side, m in medians.items()))
 
-    main_side = "keel-tis" if "keel-tis" in summary else "keel"
-    keel_s = summary.get(main_side, {}).get("s")
-    trl_s = summary.get("trl", {}).get("s")
+    main_side = "keel-tis" if "keel-tis" in sides else "keel"
+    keel_s, trl_s = medians.get(main_side), medians.get("trl")
     ratio = keel_s / trl_s if keel_s and trl_s else None
+    ratio_runs = [summaries[seed][main_side]["s"] / summaries[seed]["trl"]["s"]
+                  if "trl" in sides and summaries[seed][main_side]["s"] and summaries[seed]["trl"]["s"] else None
+                  for seed in seeds]
+    if ratio is not None:
+        print(f"{main_side} / trl: {ratio:.2f} (medians over seeds; per seed: "
+              f"{', '.join('-' if r is None else f'{r:.2f}' for r in ratio_runs)}; goal <= 0.5)")
     import torch
     import trl
+
+    def on_seeds(side):
+        return None if side not in sides else {seed: summaries[seed][side] for seed in seeds}
 
     report = {
         "benchmark": "time_to_accuracy", "trl": trl.__version__, "torch": torch.__version__, "threads": args.threads,
         "target": args.target, "eval_every": args.eval_every, "eval_n": args.eval_n, "max_steps": args.max_steps,
-        "keel_async_steps": args.keel_async_steps, "keel_compile": args.keel_compile,
-        "sft_model": str(model_dir), "sft_pass@1": next(iter(starts.values())), "keel_side": main_side,
+        "keel_async_steps": args.keel_async_steps, "keel_compile": args.keel_compile, "seeds": seeds,
+        "sft_model": str(model_dir), "sft_pass@1": sft_pass, "keel_side": main_side,
         "keel_s": keel_s, "trl_s": trl_s, "ratio": None if ratio is None else round(ratio, 3),
-        "keel_torch_s": summary.get("keel", {}).get("s"), "equal_wall_s": round(equal_s, 2),
-        "pass@1_at_equal_s": {side: s["pass@1_at_equal_s"] for side, s in summary.items()},
+        "ratio_runs": [None if r is None else round(r, 3) for r in ratio_runs],
+        "median_s": medians, "keel_torch_s": medians.get("keel"),
         "correction": None if not args.keel_rollout else {
-            "rollout": args.keel_rollout, "off": summary.get("keel-none"), "on": summary.get("keel-tis")},
-        "sides": summary, "curves": {side: r["curve"] for side, r in results.items()},
+            "rollout": args.keel_rollout, "off": on_seeds("keel-none"), "on": on_seeds("keel-tis")},
+        "sides": summaries, "curves": {seed: {side: r["curve"] for side, r in res.items()} for seed, res in runs.items()},
         "goal_ratio": 0.5, "goal_met": ratio is not None and ratio <= 0.5, "plot": str(png),
     }
     from keel.io import atomic_write

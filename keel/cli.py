@@ -348,9 +348,10 @@ def export_cmd(model: Path = typer.Option(..., help="HF model directory"),
 @app.command("parity")
 def parity_cmd(model: Path = typer.Option(..., help="HF model directory"),
                out: Path = typer.Option(..., help="folder for parity.json (and any ONNX export it needs)"),
-               reference: str = typer.Option("torch:cpu:fp32", help="KIND:WHERE:DTYPE, KIND torch | onnxruntime | vllm"),
+               reference: str = typer.Option("torch:cpu:fp32", help="KIND:WHERE:DTYPE, KIND torch | onnxruntime"),
                candidate: list[str] = typer.Option(..., help="backend to check, repeatable (e.g. onnxruntime:cpu:fp32, "
-                                                   "onnxruntime:cpu:int8, onnxruntime:cpu:int4, torch:cpu:bf16)"),
+                                                   "onnxruntime:cpu:int8, onnxruntime:cpu:int4, torch:cpu:bf16, "
+                                                   "vllm:cpu where vLLM is installed)"),
                recipe: Optional[Path] = typer.Option(None, help="YAML with parity settings and thresholds"),
                task: Optional[str] = typer.Option(None, help=TASK_HELP),
                option: Optional[list[str]] = typer.Option(None, "-o", "--option", help=OPTION_HELP),
@@ -372,8 +373,9 @@ def parity_cmd(model: Path = typer.Option(..., help="HF model directory"),
 
 @app.command("serve")
 def serve_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or `keel export` directory (onnxruntime)"),
-              backend: Optional[str] = typer.Option(None, help="torch | onnxruntime, or a spec as keel parity takes "
-                                                    "them (e.g. onnxruntime:cpu:int8: an HF directory is exported in memory)"),
+              backend: Optional[str] = typer.Option(None, help="torch | onnxruntime | vllm, or a spec as keel parity "
+                                                    "takes them (e.g. onnxruntime:cpu:int8: an HF directory is exported in "
+                                                    "memory; vllm:cpu where vLLM is installed)"),
               device: Optional[str] = typer.Option(None, help="torch: auto | cpu | cuda | npu | xpu | mps"),
               dtype: Optional[str] = typer.Option(None, help="torch: fp32 | bf16 | fp16"),
               provider: Optional[str] = typer.Option(None, help="onnxruntime: cpu | cuda | cann | openvino | ..."),
@@ -415,6 +417,9 @@ def chat_cmd(model: Path = typer.Option(..., help="HF model directory (torch) or
     from keel.engine.backends import load_backend
 
     SamplingParams(temperature, 1.0, max_tokens)  # bad flags fail before the model loads
+    if backend.partition(":")[0] == "vllm":  # chat steps keel's engine, which a vLLM sampler is not
+        raise KeelError("keel chat runs torch or onnxruntime, not vllm: chat on one of those, or serve the model "
+                        "on vLLM (keel serve --backend vllm:cpu)", field="backend")
     b, tokenizer = load_backend(model, backend, device, dtype, provider)
     chat(b, tokenizer, max_tokens=max_tokens, temperature=temperature, seed=seed)
 

@@ -23,7 +23,7 @@ def _require(ok: bool, msg: str, field: str | None = None) -> None:
 
 RATIO_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("sequence_mean", "token_mean", "budget")
-CORRECTIONS = ("auto", "tis", "icepop", "seq_mask", "none")  # keel/rl/correction.py holds the math
+CORRECTIONS = ("auto", "tis", "icepop", "seq_mask", "none")  # keel/correction.py holds the math
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ class RLConfig:
     report_to: tuple[str, ...] | str = ()  # experiment trackers (as in SFTConfig): tensorboard | wandb | trackio | mlflow
     correction: str = "auto"     # trainer/sampler mismatch correction: auto (tis unless the sampler computes exactly
     #                              what the trainer does: rollout None, or torch fp32 on the trainer's fp32 device,
-    #                              and async_steps 0; then none) | tis | icepop | seq_mask | none (keel/rl/correction.py)
+    #                              and async_steps 0; then none) | tis | icepop | seq_mask | none (keel/correction.py)
     correction_cap: float = 2.0  # tis: weight min(pi_old / mu, cap); seq_mask: drop sequences whose
     #                              geometric-mean ratio exceeds it
     icepop_low: float = 0.5      # icepop: tokens whose ratio pi_old / mu leaves [icepop_low, icepop_high] drop out
@@ -552,11 +552,12 @@ class ExpertIterationConfig:
 @dataclass(frozen=True)
 class ServeConfig:
     """`keel serve`: an OpenAI-compatible server with continuous batching."""
-    backend: str = "torch"       # torch (an HF directory) | onnxruntime (a `keel export` directory) | a backend
-    #                              spec as `keel parity` takes it, e.g. onnxruntime:cpu:int8 (an HF directory is
-    #                              exported in memory; device, dtype and provider are then the spec's)
-    device: str = "auto"         # torch backend: auto | cpu | cuda | npu | xpu | mps
-    dtype: str = "fp32"          # torch backend: fp32 | bf16 | fp16 (an ONNX graph has its own)
+    backend: str = "torch"       # torch (an HF directory) | onnxruntime (a `keel export` directory) | vllm (an HF
+    #                              directory, on vLLM's engine where vLLM is installed) | a backend spec as `keel
+    #                              parity` takes it, e.g. onnxruntime:cpu:int8 (an HF directory is exported in
+    #                              memory) or vllm:cpu:bf16 (device, dtype and provider are then the spec's)
+    device: str = "auto"         # torch backend: auto | cpu | cuda | npu | xpu | mps (vllm: auto or its build's)
+    dtype: str = "fp32"          # torch and vllm backends: fp32 | bf16 | fp16 (an ONNX graph has its own)
     provider: str = "cpu"        # onnxruntime backend: cpu | cuda | cann | openvino | ... or a full provider name
     host: str = "127.0.0.1"      # loopback only unless you mean it; pair another host with an api_key
     port: int = 8000
@@ -571,8 +572,9 @@ class ServeConfig:
     request_timeout_s: float = 600.0  # a request still generating after this long is cancelled: 408 (0 = no limit)
 
     def __post_init__(self):
-        _require(self.backend in ("torch", "onnxruntime") or ":" in self.backend,
-                 f"serve: unknown backend {self.backend!r}: use torch, onnxruntime or a spec such as onnxruntime:cpu:int8",
+        _require(self.backend in ("torch", "onnxruntime", "vllm") or ":" in self.backend,
+                 f"serve: unknown backend {self.backend!r}: use torch, onnxruntime, vllm or a spec such as "
+                 "onnxruntime:cpu:int8 or vllm:cpu",
                  "backend")
         _require(0 <= self.port < 65536, f"serve: port must be in [0, 65535] (got {self.port})")
         _require(self.max_batch >= 1 and self.default_max_tokens >= 1 and self.max_context >= 0,

@@ -571,8 +571,10 @@ def open_backend(spec: str, model_dir: str | Path):
 
 def load_backend(model_dir: str | Path, backend: str = "torch", device: str = "auto", dtype: str = "fp32",
                  provider: str = "cpu"):
-    """`backend` torch: `model_dir` is an HF directory; onnxruntime: a `keel export` directory; a
-    spec such as onnxruntime:cpu:int8 (with a colon): `open_backend`, which ignores the other arguments."""
+    """`backend` torch: `model_dir` is an HF directory; onnxruntime: a `keel export` directory; vllm:
+    an HF directory, opened as a `VllmSampler`, which generates itself (no `Backend`: keel's engine
+    cannot step it; `keel parity` compares it through its `generate_with_top_k`); a spec such as
+    onnxruntime:cpu:int8 (with a colon): `open_backend`, which ignores the other arguments."""
     if ":" in backend:
         return open_backend(backend, model_dir)
     if backend == "torch":

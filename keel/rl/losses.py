@@ -102,7 +102,7 @@ def policy_loss(
 
     norm_len is the generation budget (max new tokens), which the "budget" aggregation divides by.
 
-    is_weight_BT: each token's off-policy correction weight (keel/rl/correction.py: the sampler was
+    is_weight_BT: each token's off-policy correction weight (keel/correction.py: the sampler was
     not the trainer), a constant multiplying its policy-gradient term (not the KL term). A dropped
     token (weight 0) still counts in the normaliser. None: no weighting, and exactly 1 gives the
     unweighted numbers bit for bit (x * 1.0 == x).

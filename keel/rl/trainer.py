@@ -12,7 +12,7 @@ copy in another dtype or on another device, ONNX Runtime, or vLLM), which gets t
 weights as a state dict (under LoRA with the adapters merged in: keel.models.LoraMerge) before a
 step's rollouts whenever they changed. Then the trainer re-scores the rollouts in PyTorch
 (pi_old) and weights each token's loss by the off-policy correction of pi_old against the
-sampler's own log-probs (mu): keel/rl/correction.py. With `async_steps: 1` the sampler (a copy, if not another
+sampler's own log-probs (mu): keel/correction.py. With `async_steps: 1` the sampler (a copy, if not another
 backend) samples step n+1's batch in a worker thread while the trainer learns from step n's
 (keel/rl/overlap.py); the batch in flight is part of the checkpoint.
 """
@@ -44,7 +44,7 @@ from keel.resilience.guard import guarded_update
 from keel.resilience.state import (check_frozen, frozen_digest, is_sharded, load_model_state, load_optimizer_state,
                                    model_state, optimizer_state, rng_state, set_rng_state)
 from keel.rl.advantages import group_advantages, groups_with_signal, overlong_penalty
-from keel.rl.correction import correction_weights, mismatch_stats, resolve_correction
+from keel.correction import correction_weights, mismatch_stats, resolve_correction
 from keel.rl.losses import batch_units, policy_loss, rows_with_gradient
 from keel.rl.overlap import Overlap
 from keel.engine.backends import OrtBackend, TorchBackend

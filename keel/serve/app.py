@@ -67,7 +67,7 @@ class ServedModel:
     name: str
     backend: object
     tokenizer: object
-    engine: Engine
+    engine: Engine  # or a keel.engine.vllm_engine.VllmEngine, which is its own backend
     context: int
 
     @property
@@ -76,23 +76,36 @@ class ServedModel:
 
 
 def load_served(model_dir: str | Path, cfg: ServeConfig) -> ServedModel:
-    """Build the backend named by `cfg` over `model_dir` and an engine for it."""
-    from keel.engine.backends import load_backend
+    """Build the backend named by `cfg` over `model_dir` and an engine for it. vllm runs vLLM's
+    own engine (`keel.engine.vllm_engine.VllmEngine`), which is the backend too."""
+    from keel.engine.backends import load_backend, parse_spec
+    from keel.models import load_tokenizer, special_ids
 
+    name = cfg.model_name or Path(model_dir).resolve().name
+    if cfg.backend.partition(":")[0] == "vllm":
+        from keel.engine.vllm_engine import VllmEngine
+
+        _, device, dtype = parse_spec(cfg.backend) if ":" in cfg.backend else ("vllm", cfg.device, cfg.dtype)
+        tokenizer = load_tokenizer(model_dir)
+        engine = VllmEngine(model_dir, eos_id=special_ids(tokenizer)[0], device=device, dtype=dtype,
+                            max_batch=cfg.max_batch, max_waiting=cfg.max_waiting, max_context=cfg.max_context or None,
+                            seed=cfg.seed)
+        return make_served(engine, tokenizer, cfg, name, engine)
     backend, tokenizer = load_backend(model_dir, cfg.backend, cfg.device, cfg.dtype, cfg.provider)
-    return make_served(backend, tokenizer, cfg, cfg.model_name or Path(model_dir).resolve().name)
+    return make_served(backend, tokenizer, cfg, name)
 
 
-def make_served(backend, tokenizer, cfg: ServeConfig, name: str) -> ServedModel:
+def make_served(backend, tokenizer, cfg: ServeConfig, name: str, engine=None) -> ServedModel:
+    """`backend` served under `name`, on `engine` (a continuous-batching `Engine` over the backend
+    when None; a VllmEngine is its own backend)."""
     from keel.models import special_ids
 
     if cfg.max_context > backend.max_context:
         raise KeelError(f"max_context {cfg.max_context} exceeds the model's {backend.max_context} positions: "
                         f"set it to at most {backend.max_context} (0 uses the model's)", field="max_context")
     eos, _ = special_ids(tokenizer)
-    return ServedModel(name, backend, tokenizer,
-                       Engine(backend, eos_id=eos, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting),
-                       cfg.max_context or backend.max_context)
+    engine = engine or Engine(backend, eos_id=eos, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting)
+    return ServedModel(name, backend, tokenizer, engine, cfg.max_context or backend.max_context)
 
 
 # ----------------------------------------------------------------------------- glue

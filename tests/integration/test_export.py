@@ -2,7 +2,6 @@
 batching engine and the server, and `keel parity` with its thresholds and exit status."""
 
 import json
-import sys
 
 import openai
 import pytest
@@ -16,23 +15,10 @@ from keel.serve.app import background_server, create_app, load_served
 from keel.engine.backends import OrtBackend, load_torch_backend
 from keel.engine.batching import generate
 from keel.export.onnx import check_export
+from tests.run_cli import keel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def keel(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the `keel` command in this process (an export is too slow to repeat in a subprocess)."""
-    from keel.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["keel", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

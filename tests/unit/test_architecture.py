@@ -12,7 +12,7 @@ ROOT = Path(keel.__file__).parent
 # Lowest first; a module belongs to the longest prefix listed. Keep in step with docs/architecture.md.
 LAYERS = [
     ["keel.errors", "keel.io", "keel.config", "keel.device", "keel.epochs", "keel.optim", "keel.runlog",
-     "keel.logprobs", "keel.trackers"],
+     "keel.logprobs", "keel.correction", "keel.trackers"],
     ["keel.models", "keel.vocab", "keel.tasks", "keel.distributed", "keel.report"],
     ["keel.engine", "keel.resilience"],
     ["keel.completions", "keel.serve", "keel.train.loop"],

@@ -1,4 +1,4 @@
-"""Trainer/sampler mismatch correction (keel/rl/correction.py) against hand-computed numbers.
+"""Trainer/sampler mismatch correction (keel/correction.py) against hand-computed numbers.
 
 The shared batch sets the ratios r = pi_old / mu directly (log_ratio = log r); B = 2, T = 3 and the
 last position of sequence 1 is padding with garbage in it:
@@ -14,7 +14,7 @@ import torch
 
 from keel.config import RLConfig, RolloutConfig, LoraSpec, from_dict
 from keel.errors import KeelError
-from keel.rl.correction import correction_weights, mismatch_stats, resolve_correction
+from keel.correction import correction_weights, mismatch_stats, resolve_correction
 
 RATIOS = [[0.4, 1.5, 4.0], [4.5, 1.25, 1.0]]
 MASK = [[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]

@@ -14,7 +14,7 @@ from keel.config import LOSSES, RLConfig, RolloutConfig, get_loss
 from keel.engine.sampler import completion_logprobs
 from keel.models import init_model, special_ids
 from keel.rl.advantages import group_advantages
-from keel.rl.correction import correction_weights
+from keel.correction import correction_weights
 from keel.rl.trainer import Batch, RLTrainer
 from keel.rl.losses import batch_units, policy_loss, rows_with_gradient
 
@@ -307,7 +307,7 @@ def test_entropy():
     assert entropy_BT(two).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel=1e-6)
 
 
-# ---- off-policy correction weights (keel/rl/correction.py) ------------------------------------
+# ---- off-policy correction weights (keel/correction.py) ------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["grpo", "dr_grpo", "dapo", "gspo"])
