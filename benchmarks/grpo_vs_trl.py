@@ -286,7 +286,10 @@ def spawn(side: str, model_dir: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_model(name: str, tmp: str, args) -> dict:
+def run_sides(name: str, tmp: str, sides: list[str], spawn, args) -> tuple[dict, dict]:
+    """Build model `name` in `tmp`, run every side `args.repeats` times in its own process
+    (`spawn(side, model_dir, args)`), rotating who goes first; (the model's shape and each side's
+    medians, each side's runs)."""
     from keel.models import init_model, save_model
 
     layers, hidden = MODELS[name]
@@ -295,7 +298,6 @@ def bench_model(name: str, tmp: str, args) -> dict:
     model_dir = save_model(model, tokenizer, Path(tmp) / name)
     del model
     print(f"[{name}] qwen3 {layers} layers x {hidden} hidden: {params / 1e6:.2f}M params", file=sys.stderr)
-    sides = SIDES if args.keel_rollout else SIDES[:2]
     runs = {side: [] for side in sides}
     for r in range(args.repeats):
         for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate who goes first
@@ -309,6 +311,12 @@ def bench_model(name: str, tmp: str, args) -> dict:
         out[f"{side}_step_s"] = statistics.median(r["timed_s"] / args.steps for r in rs)
         out[f"{side}_rss_mb"] = statistics.median(r["rss_mb"] for r in rs)
         out[f"{side}_tok_s_runs"] = [round(r["tokens"] / r["timed_s"], 1) for r in rs]
+    return out, runs
+
+
+def bench_model(name: str, tmp: str, args) -> dict:
+    out, runs = run_sides(name, tmp, list(SIDES if args.keel_rollout else SIDES[:2]), spawn, args)
+    for side, rs in runs.items():
         if side != "trl":
             out[f"{side}_rows_skipped"] = statistics.median(r["rows_skipped"] for r in rs)
     out["ratio"] = out["keel_tok_s"] / out["trl_tok_s"]

@@ -50,13 +50,11 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-from grpo_vs_trl import GROUP, MODELS, PROMPTS, SEED, TOKENS, rounded, run_keel, run_trl
+from grpo_vs_trl import GROUP, MODELS, PROMPTS, SEED, TOKENS, rounded, run_keel, run_sides, run_trl
 
 SIDES = ("trl_vllm", "keel_vllm", "keel", "trl")
 DEFAULT_SIDES = "trl_vllm,keel_vllm,keel"
@@ -173,27 +171,7 @@ def spawn(side: str, model_dir: str, args) -> dict:
 
 
 def bench_model(name: str, tmp: str, sides: list[str], args) -> dict:
-    from keel.models import init_model, save_model
-
-    layers, hidden = MODELS[name]
-    model, tokenizer = init_model("qwen3", layers=layers, hidden=hidden, seed=SEED)
-    params = sum(p.numel() for p in model.parameters())
-    model_dir = save_model(model, tokenizer, Path(tmp) / name)
-    del model
-    print(f"[{name}] qwen3 {layers} layers x {hidden} hidden: {params / 1e6:.2f}M params", file=sys.stderr)
-    runs = {side: [] for side in sides}
-    for r in range(args.repeats):
-        for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # rotate who goes first
-            res = spawn(side, str(model_dir), args)
-            runs[side].append(res)
-            print(f"[{name}] repeat {r + 1}/{args.repeats} {side:<10}: {res['tokens'] / res['timed_s']:7.1f} tok/s, "
-                  f"{res['timed_s'] / args.steps:.2f} s/step, peak RSS {res['rss_mb']:.0f} MB", file=sys.stderr)
-    out = {"params": params, "layers": layers, "hidden": hidden}
-    for side, rs in runs.items():
-        out[f"{side}_tok_s"] = statistics.median(r["tokens"] / r["timed_s"] for r in rs)
-        out[f"{side}_step_s"] = statistics.median(r["timed_s"] / args.steps for r in rs)
-        out[f"{side}_rss_mb"] = statistics.median(r["rss_mb"] for r in rs)
-        out[f"{side}_tok_s_runs"] = [round(r["tokens"] / r["timed_s"], 1) for r in rs]
+    out, runs = run_sides(name, tmp, sides, spawn, args)
     if "trl_vllm" in runs:
         out["trl_vllm_dtype"] = runs["trl_vllm"][0]["vllm_dtype"]
         out["trl_vllm_sync_gap"] = max(r["sync_gap_synced"] for r in runs["trl_vllm"])

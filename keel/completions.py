@@ -80,7 +80,7 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eos_id:
     `generator`). Every row samples from `generator`, on the sampler's device (unused when greedy)."""
     if not prompts:
         raise KeelError("generate() got no prompts; pass at least one list of token ids")
-    if hasattr(model, "generate") and not isinstance(model, torch.nn.Module):  # keel.engine.vllm_backend
+    if has_own_engine(model):
         seed = 0 if generator is None else int(torch.randint(2**31 - 1, (1,), generator=generator,
                                                              device=generator.device))
         return model.generate(prompts, params, eos_id=eos_id, seed=seed, stop_ids=stop_ids)
@@ -91,6 +91,12 @@ def generate(model, prompts: list[list[int]], params: SamplingParams, *, eos_id:
         return _on_engine(TorchBackend.of(model, compile=compile), prompts, params, eos_id, generator, stop_ids)
     finally:
         model.train(was_training)
+
+
+def has_own_engine(sampler) -> bool:
+    """A sampler that generates itself (vLLM: keel.engine.vllm_backend), not a torch model or a
+    backend stepped by keel's engine."""
+    return hasattr(sampler, "generate") and not isinstance(sampler, torch.nn.Module)
 
 
 def _on_engine(backend, prompts, params, eos_id, generator, stop_ids) -> Rollout:

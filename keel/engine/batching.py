@@ -130,11 +130,39 @@ def check_requests(reqs: list[Request], vocab_size: int, max_context: int) -> No
 
 
 class EngineLoop:
-    """How an engine is driven: `step()` (admit, run, retire; True while anything runs or waits)
-    in a loop, in this thread or on a background one. A subclass keeps `_cv` (a Condition),
-    `_waiting` and `_rows` (empty when idle), `_stop`, `_thread`, and has `step` and `fail_all`."""
+    """What every engine shares: a waiting queue that requests join all or none (bounded by
+    `max_waiting`), and the driving of `step()` (admit, run, retire; True while anything runs or
+    waits) in a loop, in this thread or on a background one. A subclass has `step`, `fail_all`,
+    `_rows` (empty when idle) and `_admissible` (what its queue holds for each request)."""
 
     thread_name = "keel-engine"
+
+    def __init__(self, *, eos_id: int, max_batch: int, max_waiting: int):
+        if max_batch < 1 or max_waiting < 0:
+            raise KeelError(f"max_batch must be >= 1 and max_waiting >= 0 (0: unbounded), got {max_batch}, {max_waiting}")
+        self.eos_id, self.max_batch, self.max_waiting = eos_id, max_batch, max_waiting
+        self.stats = EngineStats()
+        self._waiting: deque = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request (thread-safe). Its prompt must be non-empty and in the vocabulary."""
+        self.submit_all([req])
+        return req
+
+    def submit_all(self, reqs: list[Request]) -> None:
+        """Queue requests together (thread-safe): all of them, or none (KeelError; QueueFull when
+        they would take the waiting queue past `max_waiting`)."""
+        items = self._admissible(reqs)
+        with self._cv:
+            if self.max_waiting and len(self._waiting) + len(reqs) > self.max_waiting:
+                self.stats.refused += len(reqs)
+                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_waiting} "
+                                "(max_waiting); retry later", field="max_waiting")
+            self._waiting.extend(items)
+            self._cv.notify()
 
     @property
     def running(self) -> int:
@@ -183,14 +211,8 @@ class Engine(EngineLoop):
     """Continuous batching over a `keel.engine.backends.Backend`."""
 
     def __init__(self, backend, *, eos_id: int, max_batch: int = 16, max_waiting: int = 0):
-        if max_batch < 1 or max_waiting < 0:
-            raise KeelError(f"max_batch must be >= 1 and max_waiting >= 0 (0: unbounded), got {max_batch}, {max_waiting}")
-        self.backend, self.eos_id, self.max_batch, self.max_waiting = backend, eos_id, max_batch, max_waiting
-        self.stats = EngineStats()
-        self._waiting: deque[Request] = deque()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stop = False
+        super().__init__(eos_id=eos_id, max_batch=max_batch, max_waiting=max_waiting)
+        self.backend = backend
         # the running batch (touched by the engine thread only)
         self._rows: list[Request] = []
         self._cache = None                    # the backend's KV cache of the running rows
@@ -198,24 +220,9 @@ class Engine(EngineLoop):
         self._next_B: list[int] = []          # each row's last sampled token, not yet in the cache
         self._pos_B: list[int] = []           # the position that token will take
 
-    # ------------------------------------------------------------------ submission
-
-    def submit(self, req: Request) -> Request:
-        """Queue a request (thread-safe). Its prompt must be non-empty and in the vocabulary."""
-        self.submit_all([req])
-        return req
-
-    def submit_all(self, reqs: list[Request]) -> None:
-        """Queue requests together (thread-safe): all of them, or none (KeelError; QueueFull when
-        they would take the waiting queue past `max_waiting`)."""
+    def _admissible(self, reqs: list[Request]) -> list[Request]:
         check_requests(reqs, self.backend.vocab_size, self.backend.max_context)
-        with self._cv:
-            if self.max_waiting and len(self._waiting) + len(reqs) > self.max_waiting:
-                self.stats.refused += len(reqs)
-                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_waiting} "
-                                "(max_waiting); retry later", field="max_waiting")
-            self._waiting.extend(reqs)
-            self._cv.notify()
+        return reqs
 
     # ------------------------------------------------------------------ the step
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 from keel.errors import KeelError
-from keel.engine.batching import EngineLoop, EngineStats, QueueFull, Request, check_requests
+from keel.engine.batching import EngineLoop, Request, check_requests
 from keel.engine.sampler import GREEDY_BELOW
 from keel.engine.vllm_backend import open_llm
 
@@ -66,42 +65,22 @@ class VllmEngine(EngineLoop):
     def __init__(self, model_dir: str | Path, *, eos_id: int, device: str = "auto", dtype: str = "fp32",
                  max_batch: int = 16, max_waiting: int = 0, max_context: int | None = None, seed: int = 0,
                  kv_cache_bytes: int | None = None):
-        if max_batch < 1 or max_waiting < 0:
-            raise KeelError(f"max_batch must be >= 1 and max_waiting >= 0 (0: unbounded), "
-                            f"got {max_batch}, {max_waiting}")
+        super().__init__(eos_id=eos_id, max_batch=max_batch, max_waiting=max_waiting)
         # raw log-probs: what OpenAI's logprobs are (the module docstring)
         self.llm, self.max_context, self.vocab_size, self.name = open_llm(
             model_dir, device, dtype, seed, max_batch, max_context, kv_cache_bytes, "raw_logprobs")
         self.device = torch.device("cpu")  # where the server's per-request generators draw the seeds
-        self.eos_id, self.max_batch, self.max_waiting = eos_id, max_batch, max_waiting
         self._engine = self.llm.llm_engine
-        self.stats = EngineStats()
         self._ids = itertools.count()
-        self._waiting: deque[tuple[Request, object]] = deque()  # (request, its vLLM SamplingParams)
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stop = False
         self._rows: dict[str, _Running] = {}  # touched by the engine thread only
 
     # ------------------------------------------------------------------ submission
 
-    def submit(self, req: Request) -> Request:
-        """Queue a request (thread-safe). Its prompt must be non-empty and in the vocabulary."""
-        self.submit_all([req])
-        return req
-
-    def submit_all(self, reqs: list[Request]) -> None:
-        """Queue requests together (thread-safe): all of them, or none (KeelError; QueueFull when
-        they would take the waiting queue past `max_waiting`)."""
+    def _admissible(self, reqs: list[Request]) -> list[tuple[Request, object]]:
+        """The waiting queue holds (request, its vLLM SamplingParams): checked here, on the
+        submitting thread, so a refusal is that client's 400."""
         check_requests(reqs, self.vocab_size, self.max_context)
-        pairs = [(req, self._sampling_params(req)) for req in reqs]
-        with self._cv:
-            if self.max_waiting and len(self._waiting) + len(reqs) > self.max_waiting:
-                self.stats.refused += len(reqs)
-                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_waiting} "
-                                "(max_waiting); retry later", field="max_waiting")
-            self._waiting.extend(pairs)
-            self._cv.notify()
+        return [(req, self._sampling_params(req)) for req in reqs]
 
     def _sampling_params(self, req: Request):
         """vLLM's SamplingParams for `req`, checked as vLLM checks them when it adds a request

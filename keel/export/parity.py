@@ -57,15 +57,10 @@ def prompt_logit_delta(reference, candidate, prompts: list[list[int]]) -> float:
     return worst
 
 
-def has_own_engine(backend) -> bool:
-    """A sampler that generates itself (vLLM) rather than a backend stepped by keel's engine."""
-    return hasattr(backend, "generate")
-
-
 def greedy_top_k(backend, prompts, eos_id: int, max_new_tokens: int, cfg: ParityConfig):
     """Greedy completions of `prompts` and, per row and step, the ids of the top `cfg.top_k` tokens."""
     params = SamplingParams(0.0, 1.0, max_new_tokens)
-    if has_own_engine(backend):
+    if completions.has_own_engine(backend):
         out, topk = backend.generate_with_top_k(prompts, params, eos_id=eos_id, top_k=cfg.top_k)
         return out.tokens, topk
     reqs = generate(backend, prompts, params, eos_id=eos_id, max_batch=cfg.batch, top_k=cfg.top_k)
@@ -194,7 +189,7 @@ def parity(reference, candidates: list, tokenizer, cfg: ParityConfig = ParityCon
     from keel.models import render_prompt, special_ids
     from keel.tasks import get_task
 
-    if has_own_engine(reference):
+    if completions.has_own_engine(reference):
         raise KeelError(NO_LOGITS_REFERENCE.format(reference.name), field="reference")
     task = get_task(cfg.task, **cfg.task_options)
     examples = task.examples("test", cfg.n, seed=cfg.seed)
@@ -210,7 +205,7 @@ def parity(reference, candidates: list, tokenizer, cfg: ParityConfig = ParityCon
         on_phase(f"{cand.name}: greedy completions of {cfg.n} prompts")
         run = run_backend(cand, prompts, examples, task, tokenizer, eos, cfg)
         on_phase(f"{cand.name}: logits beside the reference's, {cfg.n} prompts")
-        own = has_own_engine(cand)
+        own = completions.has_own_engine(cand)
         row = {"max_abs_logit_delta": None if own else prompt_logit_delta(reference, cand, prompts),
                **compare_greedy(ref["tokens"], ref["topk"], run["tokens"], run["topk"]),
                "accuracy": run["accuracy"], "accuracy_drop": ref["accuracy"] - run["accuracy"],
